@@ -1,0 +1,56 @@
+"""Shared fixtures.
+
+One Ray instance per test session: a simulated cluster (`ray.cluster_utils.Cluster`) with a
+head node and two worker nodes that declare 4 "GPUs" each (CPU workers, gloo). Serve tests and
+expert-parallel tests both run on it; it starts only when a test asks for it and is always shut
+down. Its address is passed explicitly, never discovered through /tmp/ray/ray_current_cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+GPUS_PER_SIM_NODE = 4
+SIM_NODES = 2
+
+
+@dataclass(frozen=True)
+class RayTestCluster:
+    address: str
+    num_nodes: int
+    gpus_per_node: int
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayTestCluster]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "num_gpus": 0, "include_dashboard": False},
+    )
+    for i in range(SIM_NODES):
+        cluster.add_node(
+            num_cpus=4,
+            num_gpus=GPUS_PER_SIM_NODE,
+            resources={f"sim_node_{i}": 1, "raymoe_node": 1},
+        )
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, ignore_reinit_error=False, log_to_driver=True)
+    try:
+        yield RayTestCluster(cluster.address, SIM_NODES, GPUS_PER_SIM_NODE)
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+        cluster.shutdown()
