@@ -1,0 +1,404 @@
+"""DeepSeek-V3 in plain PyTorch: MLA attention over a paged latent cache, MoE with group-limited routing.
+
+Module names mirror the Hugging Face checkpoint (strip the leading `model.`), so loading is a
+direct name map. No distribution in here: the expert-parallel runtime drives `MoE.route` and
+`MoE.expert_forward` itself and puts dispatch/combine in between.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.model.attention import AttentionMetadata, AttentionPlan
+from raymoe.model.config import ModelConfig
+
+ExpertSubset = Iterable[int] | Mapping[int, Iterable[int]] | None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+        # normalise in float32, scale in the model dtype (as the reference does)
+        return self.weight * F.rms_norm(x.float(), (self.dim,), None, self.eps).to(x.dtype)
+
+
+def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Rope inverse frequencies over qk_rope_head_dim (YaRN-corrected when configured) and the cos/sin scale."""
+    dim = config.qk_rope_head_dim
+    base = config.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    rs = config.rope_scaling
+    if rs is None:
+        return 1.0 / pos_freqs, 1.0
+    factor = rs.factor if rs.factor is not None else config.max_position_embeddings / rs.original_max_position_embeddings
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rs.attention_factor is not None:
+        attention_factor = rs.attention_factor
+    elif rs.mscale and rs.mscale_all_dim:
+        attention_factor = mscale(factor, rs.mscale) / mscale(factor, rs.mscale_all_dim)
+    else:
+        attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(rs.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate pairs (x0,x1),(x2,x3).. when interleaved, else (x_i, x_{i+d/2}); output is [rotated firsts, rotated seconds].
+
+    Queries and keys use the same layout, so dot products equal DeepSeek's complex-number form.
+    """
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@dataclass
+class ForwardContext:
+    """What every layer needs for one step: the attention plan, rope tables, cache slots."""
+
+    plan: AttentionPlan
+    cos: torch.Tensor  # [T, rope_dim/2]
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor | None
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention. Decode: absorbed form over the latent cache; prefill: expanded form."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = h = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.interleave = config.rope_interleave
+        self.softmax_scale = config.softmax_scale
+        dim = config.hidden_size
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(dim, h * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(dim, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, h * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv_cache: torch.Tensor | None) -> torch.Tensor:
+        T = x.shape[0]
+        h, dn, dr, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(T, h, self.qk_head_dim)
+        q_nope, q_pe = torch.split(q, [dn, dr], dim=-1)
+        q_pe = apply_rope(q_pe, ctx.cos.unsqueeze(1), ctx.sin.unsqueeze(1), self.interleave)
+        c_kv, k_pe = torch.split(self.kv_a_proj_with_mqa(x), [r, dr], dim=-1)
+        latent = torch.cat((self.kv_a_layernorm(c_kv), apply_rope(k_pe, ctx.cos, ctx.sin, self.interleave)), dim=-1)
+        if kv_cache is None:
+            source = latent
+        else:
+            source = kv_cache.view(-1, r + dr)
+            assert ctx.slot_mapping is not None
+            source.index_copy_(0, ctx.slot_mapping, latent.to(source.dtype))
+        plan = ctx.plan
+        if plan.all_decode:
+            out = self._decode(q_nope, q_pe, source, plan.d_gather, plan.d_mask)
+        else:
+            out = x.new_empty(T, h * self.v_head_dim)
+            if plan.d_gather is not None:
+                idx = plan.d_tokens
+                out[idx] = self._decode(q_nope[idx], q_pe[idx], source, plan.d_gather, plan.d_mask)
+            if plan.p_gather is not None:
+                self._prefill(q_nope, q_pe, source, plan, out)
+        return self.o_proj(out)
+
+    def _decode(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        source: torch.Tensor,
+        gather: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One query per sequence: absorb W_UK into q, attend over latents, project out through W_UV."""
+        s = q_nope.shape[0]
+        h, dn, r = self.num_heads, self.qk_nope_head_dim, self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(h, dn + self.v_head_dim, r)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :dn]).transpose(0, 1)  # [S, H, r]
+        q_full = torch.cat((q_lat, q_pe.to(q_lat.dtype)), dim=-1).unsqueeze(1)  # [S, 1, H, r+dr]
+        kv = source[gather].unsqueeze(1).to(q_full.dtype)  # [S, 1, L, r+dr]
+        o = F.scaled_dot_product_attention(q_full, kv, kv[..., :r], attn_mask=mask, scale=self.softmax_scale)
+        o = torch.bmm(o.squeeze(1).transpose(0, 1), w[:, dn:].transpose(1, 2))  # [H, S, dv]
+        return o.transpose(0, 1).reshape(s, h * self.v_head_dim)
+
+    def _prefill(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        source: torch.Tensor,
+        plan: AttentionPlan,
+        out: torch.Tensor,
+    ) -> None:
+        """Several queries per sequence: expand the latents to per-head keys/values, causal with cached offset."""
+        assert plan.p_gather is not None and plan.p_tokens is not None and plan.p_valid_flat is not None
+        h, dn, dr, r, dv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank, self.v_head_dim
+        sp, lp = plan.p_gather.shape
+        qp = plan.p_tokens.shape[1]
+        kv = source[plan.p_gather].to(q_nope.dtype)  # [Sp, Lp, r+dr]
+        kvb = self.kv_b_proj(kv[..., :r]).view(sp, lp, h, dn + dv)
+        k = torch.cat((kvb[..., :dn], kv[..., r:].unsqueeze(2).expand(sp, lp, h, dr)), dim=-1)
+        v = kvb[..., dn:]
+        q = torch.cat((q_nope, q_pe), dim=-1)[plan.p_tokens]  # [Sp, Qp, H, dqk]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.p_mask, scale=self.softmax_scale
+        )  # [Sp, H, Qp, dv]
+        o = o.transpose(1, 2).reshape(sp * qp, h * dv)
+        if sp == 1 and qp == out.shape[0]:
+            out.copy_(o)
+        else:
+            out[plan.p_tokens_valid] = o[plan.p_valid_flat]
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers, each routed expert and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Sigmoid scores; the correction bias steers selection only; group-limited top-k."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.route_scale = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if self.topk_group < self.n_group:
+            t = x.shape[0]
+            grouped = choice.view(t, self.n_group, -1)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
+            drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(t, -1)
+        ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * self.route_scale
+
+
+class MoE(nn.Module):
+    """Routed experts (entries None where this process does not host them) plus shared experts."""
+
+    def __init__(self, config: ModelConfig, hosted: Iterable[int] | None = None) -> None:
+        super().__init__()
+        self.n_routed_experts = config.n_routed_experts
+        self.gate = Gate(config)
+        keep = set(range(config.n_routed_experts)) if hosted is None else set(hosted)
+        bad = [e for e in keep if not 0 <= e < config.n_routed_experts]
+        if bad:
+            raise ValueError(f"expert ids {sorted(bad)} out of range [0, {config.n_routed_experts})")
+        self.experts = nn.ModuleList(
+            [
+                MLP(config.hidden_size, config.moe_intermediate_size) if e in keep else None
+                for e in range(config.n_routed_experts)
+            ]
+        )
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+
+    @property
+    def hosted_experts(self) -> list[int]:
+        return [e for e, m in enumerate(self.experts) if m is not None]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, top_k] logical expert ids (int64) and their float32 weights (scaled)."""
+        return self.gate(x)
+
+    def expert_forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the routed experts' outputs, one matmul chain per expert that has tokens.
+
+        Experts not hosted here contribute nothing, so a caller can sum partial results across hosts.
+        """
+        t, k = ids.shape
+        out = torch.zeros_like(x)
+        if t == 0:
+            return out
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.n_routed_experts).tolist()
+        if len(counts) > self.n_routed_experts:
+            raise ValueError(f"expert id {len(counts) - 1} out of range [0, {self.n_routed_experts})")
+        token = order // k
+        xs = x[token]
+        ys = torch.zeros_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                expert = self.experts[e]
+                if expert is not None:
+                    ys[start : start + n] = expert(xs[start : start + n])
+                start += n
+        ys.mul_(weights.reshape(-1)[order].to(x.dtype).unsqueeze(1))
+        return out.index_add_(0, token, ys)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.route(x)
+        return self.expert_forward(x, ids, weights) + self.shared_experts(x)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, hosted: Iterable[int] | None = None) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.self_attn = MLA(config)
+        self.mlp: nn.Module
+        if config.is_moe_layer(layer_id):
+            self.mlp = MoE(config, hosted)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv_cache: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def hosted_for_layer(experts: ExpertSubset, layer: int) -> Iterable[int] | None:
+    """`experts` is None (all), one id set for every MoE layer, or a per-layer mapping."""
+    if experts is None:
+        return None
+    if isinstance(experts, Mapping):
+        return experts.get(layer, ())
+    return experts
+
+
+class Transformer(nn.Module):
+    """The decoder stack. `forward` returns the final-normed hidden states of the new tokens."""
+
+    def __init__(self, config: ModelConfig, experts: ExpertSubset = None) -> None:
+        super().__init__()
+        self.config = config
+        if experts is not None and not isinstance(experts, Mapping):
+            experts = sorted(set(experts))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [Block(config, i, hosted_for_layer(experts, i)) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq, self.rope_scale = yarn_inv_freq(config)
+        self._inv_freq = inv_freq  # kept float32, out of the state dict and of .to(dtype)
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init (normal(0, std) matrices, unit norms, zero gate bias) for tests and tiny checkpoints."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
+        return (self.config.num_hidden_layers, num_blocks, block_size, self.config.kv_cache_dim)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        freqs = positions.to(torch.float32).unsqueeze(1) * self._inv_freq
+        return (freqs.cos() * self.rope_scale).to(dtype), (freqs.sin() * self.rope_scale).to(dtype)
+
+    def make_context(
+        self, positions: torch.Tensor, attn: AttentionMetadata, kv_cache: torch.Tensor | None
+    ) -> ForwardContext:
+        if kv_cache is not None:
+            c = self.config
+            if kv_cache.dim() != 4 or kv_cache.shape[0] != c.num_hidden_layers or kv_cache.shape[3] != c.kv_cache_dim:
+                raise ValueError(
+                    f"kv_cache shape {tuple(kv_cache.shape)} does not match "
+                    f"[{c.num_hidden_layers}, num_blocks, block_size, {c.kv_cache_dim}]"
+                )
+            if attn.slot_mapping is None:
+                raise ValueError("AttentionMetadata.slot_mapping is required with a KV cache")
+        plan = attn.plan(kv_cache.shape[2] if kv_cache is not None else None)
+        if positions.shape[0] != plan.num_tokens:
+            raise ValueError(f"{positions.shape[0]} positions for {plan.num_tokens} tokens in the attention metadata")
+        cos, sin = self.rope(positions, self.embed_tokens.weight.dtype)
+        return ForwardContext(plan, cos, sin, attn.slot_mapping)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_cache: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        ctx = self.make_context(positions, attn, kv_cache)
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ctx, None if kv_cache is None else kv_cache[i])
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
