@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check raymoe tests examples benchmarks
+	$(PY) -m ruff check .
 	bash scripts/test.sh $(PY)
 
 serve: $(STAMP)
@@ -26,7 +26,7 @@ generate: $(STAMP)
 	$(VENV)/bin/raymoe generate --prompt "The capital of France is" --max-tokens 32
 
 lint: $(STAMP)
-	$(PY) -m ruff check raymoe tests examples benchmarks
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache
