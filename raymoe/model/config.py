@@ -37,7 +37,7 @@ class RopeScaling(BaseModel):
 
     type: str = "yarn"
     factor: float | None = None
-    original_max_position_embeddings: int
+    original_max_position_embeddings: int | None = None  # None: max_position_embeddings, as transformers does
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float | None = None
@@ -71,10 +71,10 @@ class ModelConfig(BaseModel):
     qk_rope_head_dim: int
     v_head_dim: int
     qk_nope_head_dim: int
-    n_group: int = 1
-    topk_group: int = 1
+    n_group: int = 8
+    topk_group: int = 4
     num_experts_per_tok: int
-    first_k_dense_replace: int = 0
+    first_k_dense_replace: int = 3
     norm_topk_prob: bool = True
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -87,6 +87,9 @@ class ModelConfig(BaseModel):
     hidden_act: str = "silu"
     quantization_config: dict[str, Any] | None = None
     num_nextn_predict_layers: int = 0
+    attention_bias: bool = False
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
 
     @model_validator(mode="before")
     @classmethod
@@ -117,6 +120,12 @@ class ModelConfig(BaseModel):
     def _check(self) -> ModelConfig:
         if self.hidden_act != "silu":
             raise ValueError(f"config.json: hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.attention_bias:
+            raise ValueError("config.json: attention_bias=true is not supported (DeepSeek-V3 has no attention biases)")
+        if self.scoring_func != "sigmoid":
+            raise ValueError(f"config.json: scoring_func {self.scoring_func!r} is not supported (only 'sigmoid')")
+        if self.topk_method != "noaux_tc":
+            raise ValueError(f"config.json: topk_method {self.topk_method!r} is not supported (only 'noaux_tc')")
         if self.n_routed_experts % self.n_group:
             raise ValueError(
                 f"config.json: n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}"
@@ -161,8 +170,15 @@ class ModelConfig(BaseModel):
         rs = self.rope_scaling
         assert rs is not None
         if rs.factor is None:
-            return self.max_position_embeddings / rs.original_max_position_embeddings
+            return self.max_position_embeddings / self.original_max_position_embeddings
         return rs.factor
+
+    @property
+    def original_max_position_embeddings(self) -> int:
+        rs = self.rope_scaling
+        if rs is None or rs.original_max_position_embeddings is None:
+            return self.max_position_embeddings
+        return rs.original_max_position_embeddings
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace

@@ -39,11 +39,13 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Rope inverse frequencies over qk_rope_head_dim (YaRN-corrected when configured) and the cos/sin scale."""
     dim = config.qk_rope_head_dim
     base = config.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    # explicit device: the loader builds the model under torch.device("meta")
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     rs = config.rope_scaling
     if rs is None:
         return 1.0 / pos_freqs, 1.0
-    factor = rs.factor if rs.factor is not None else config.max_position_embeddings / rs.original_max_position_embeddings
+    original = config.original_max_position_embeddings
+    factor = rs.factor if rs.factor is not None else config.max_position_embeddings / original
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -56,7 +58,7 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
         attention_factor = mscale(factor)
 
     def correction_dim(rotations: float) -> float:
-        return dim * math.log(rs.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)
     if rs.truncate:
@@ -64,7 +66,7 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, float(attention_factor)
