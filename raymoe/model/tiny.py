@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from raymoe.model.deepseek_v3 import Transformer
 from raymoe.model.weights import INDEX_FILE, checkpoint_name, quantize_fp8_block
 
 # Bump when the default tiny checkpoint changes: a cached copy with another version is rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 MARKER_FILE = "raymoe_tiny.json"
 FP8_BLOCK = (128, 128)
 
@@ -185,7 +186,6 @@ def _build_tokenizer(vocab_size: int) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(ADDED_SPECIAL_TOKENS),
         special_tokens=[BOS, EOS, PAD],
@@ -194,6 +194,15 @@ def _build_tokenizer(vocab_size: int) -> Any:
     )
     tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
     tok.add_special_tokens(list(ADDED_SPECIAL_TOKENS))
+    # BOS first when special tokens are requested, as DeepSeek-V3's tokenizer.json does
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, 0)]
+            ),
+        ]
+    )
     if tok.get_vocab_size() > vocab_size:
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens, more than vocab_size={vocab_size}")
     return tok
@@ -377,6 +386,7 @@ def default_checkpoint() -> Path:
     if _is_current(path):
         return path
     root.mkdir(parents=True, exist_ok=True)
+    print(f"raymoe: generating the tiny default checkpoint in {path}", file=sys.stderr, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-deepseek-v3-", dir=root))
     try:
         make_tiny(tmp, fp8=False, seed=0)

@@ -1,0 +1,230 @@
+"""The model against transformers' DeepseekV3ForCausalLM, and its two attention paths against each other.
+
+Checkpoints are written by transformers' own `save_pretrained` (random weights, float32) and read
+by raymoe's loader, so names, layouts and the math are all checked at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from raymoe.model.attention import AttentionMetadata
+from raymoe.model.deepseek_v3 import Transformer
+from raymoe.model.weights import load_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+YARN = {
+    "rope_type": "yarn",
+    "factor": 40.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "rope_theta": 10000.0,
+}
+
+# grouped: DeepSeek-V3's structure (group-limited routing, q LoRA, YaRN, interleaved rope)
+# flat: one group, no q LoRA (q_proj), plain rope, half-split rope layout, unnormalised top-k weights
+CONFIGS: dict[str, dict[str, Any]] = {
+    "grouped": dict(
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        q_lora_rank=48,
+        rope_interleave=True,
+        rope_parameters=YARN,
+        max_position_embeddings=2560,
+        norm_topk_prob=True,
+    ),
+    "flat": dict(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=None,
+        rope_interleave=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        max_position_embeddings=512,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.5,
+    ),
+}
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    num_attention_heads=4,
+    kv_lora_rank=32,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Transformer]:
+    """(transformers model, raymoe model loaded from its save_pretrained checkpoint)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(**COMMON, **CONFIGS[request.param])
+    hf = DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # weights large enough that every path matters
+        for name, p in hf.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.1)
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.1, 0.1)
+    path = tmp_path_factory.mktemp(f"hf-{request.param}")
+    hf.save_pretrained(path)
+    ours = load_checkpoint(path, progress=False)
+    return hf, ours
+
+
+def hf_logits(hf: Any, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].float()
+
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 77], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [64, 100]]
+
+
+def test_prompt_logits_match_transformers(reference: tuple[Any, Transformer]) -> None:
+    hf, ours = reference
+    ids = torch.tensor([t for p in PROMPTS for t in p])
+    positions = torch.cat([torch.arange(len(p)) for p in PROMPTS])
+    with torch.no_grad():
+        logits = ours.compute_logits(ours(ids, positions, AttentionMetadata.contiguous([len(p) for p in PROMPTS])))
+    start = 0
+    for p in PROMPTS:
+        ref = hf_logits(hf, p)
+        torch.testing.assert_close(logits[start : start + len(p)], ref, atol=1e-4, rtol=0)
+        assert ref.std() > 0.1  # not a degenerate model
+        start += len(p)
+
+
+def test_routing_is_group_limited_and_spread(reference: tuple[Any, Transformer]) -> None:
+    """The grouped config must exercise the group mask: unrestricted top-k would pick other experts."""
+    _, ours = reference
+    cfg = ours.config
+    moe = ours.layers[cfg.first_k_dense_replace].mlp
+    x = torch.randn(64, cfg.hidden_size)
+    ids, weights = moe.route(x)
+    assert ids.shape == weights.shape == (64, cfg.num_experts_per_tok) and ids.dtype == torch.int64
+    assert len(ids.unique()) == cfg.n_routed_experts  # every expert gets some token
+    if cfg.topk_group < cfg.n_group:
+        per_group = cfg.n_routed_experts // cfg.n_group
+        assert ((ids // per_group).unique(dim=None).numel()) > cfg.topk_group  # different tokens, different groups
+        assert all(len(set((row // per_group).tolist())) <= cfg.topk_group for row in ids)
+        scores = torch.sigmoid(x @ moe.gate.weight.T) + moe.gate.e_score_correction_bias
+        free = scores.topk(cfg.num_experts_per_tok, dim=-1)[1]
+        changed = [set(a.tolist()) != set(b.tolist()) for a, b in zip(ids, free, strict=True)]
+        assert any(changed)
+    if cfg.norm_topk_prob:
+        torch.testing.assert_close(weights.sum(-1), torch.full((64,), cfg.routed_scaling_factor))
+
+
+def run_paged(
+    model: Transformer, prompts: list[list[int]], chunks: list[list[int]], block_size: int = 4
+) -> list[torch.Tensor]:
+    """Feed each prompt through a paged cache in steps; chunks[step][s] new tokens of sequence s (0 = idle).
+
+    Returns per-sequence logits of every fed position, in order. Block tables are shuffled, so
+    sequences' blocks interleave in the cache.
+    """
+    cfg = model.config
+    need = [-(-len(p) // block_size) for p in prompts]
+    perm = torch.randperm(sum(need) + 1, generator=torch.Generator().manual_seed(1)).tolist()
+    perm.remove(0)  # block 0 is the padding id: keep it unused so a bad table shows up
+    tables, k = [], 0
+    for n in need:
+        tables.append(perm[k : k + n])
+        k += n
+    cache = torch.zeros(model.kv_cache_shape(sum(need) + 1, block_size))
+    done = [0] * len(prompts)
+    out: list[list[torch.Tensor]] = [[] for _ in prompts]
+    for step in chunks:
+        seqs = [s for s, n in enumerate(step) if n]
+        ids = [t for s in seqs for t in prompts[s][done[s] : done[s] + step[s]]]
+        pos = [i for s in seqs for i in range(done[s], done[s] + step[s])]
+        md = AttentionMetadata.paged(
+            [step[s] for s in seqs], [done[s] + step[s] for s in seqs], [tables[s] for s in seqs], block_size
+        )
+        with torch.no_grad():
+            logits = model.compute_logits(model(torch.tensor(ids), torch.tensor(pos), md, cache))
+        start = 0
+        for s in seqs:
+            out[s].append(logits[start : start + step[s]])
+            start += step[s]
+            done[s] += step[s]
+    assert done == [len(p) for p in prompts] and cfg.kv_cache_dim == cache.shape[-1]
+    return [torch.cat(o) for o in out]
+
+
+def test_absorbed_decode_matches_expanded_prefill(reference: tuple[Any, Transformer]) -> None:
+    """Chunked prefill, then one token per step (absorbed MLA), mixed with other sequences' prefill."""
+    hf, ours = reference
+    prompts = PROMPTS
+    # step 0: all prefill chunks; step 1: seq 0 decodes while seq 1 prefills a chunk against its cache
+    # (steps 2-4: all-decode batches; steps 5-6: a single sequence decoding)
+    chunks = [[3, 5, 1], [1, 3, 1], [1, 1, 0], [1, 1, 0], [1, 1, 0], [0, 1, 0], [0, 1, 0]]
+    got = run_paged(ours, prompts, chunks)
+    for p, g in zip(prompts, got, strict=True):
+        ref = hf_logits(hf, p)
+        torch.testing.assert_close(g, ref, atol=1e-4, rtol=0)
+
+
+def test_expert_forward_is_a_sum_over_hosts(reference: tuple[Any, Transformer]) -> None:
+    """Expert hosts holding disjoint subsets produce partial outputs that add up to the full layer."""
+    _, ours = reference
+    cfg = ours.config
+    moe = ours.layers[cfg.first_k_dense_replace].mlp
+    x = torch.randn(10, cfg.hidden_size)
+    ids, weights = moe.route(x)
+    full = moe.expert_forward(x, ids, weights)
+    saved = list(moe.experts)
+    try:
+        parts = []
+        for host in (range(0, cfg.n_routed_experts, 2), range(1, cfg.n_routed_experts, 2)):
+            for e in range(cfg.n_routed_experts):
+                moe.experts[e] = saved[e] if e in host else None
+            parts.append(moe.expert_forward(x, ids, weights))
+    finally:
+        for e, m in enumerate(saved):
+            moe.experts[e] = m
+    torch.testing.assert_close(parts[0] + parts[1], full, atol=1e-5, rtol=0)
+    assert parts[0].abs().sum() > 0 and parts[1].abs().sum() > 0
+
+
+def test_bad_cache_and_metadata_are_rejected(reference: tuple[Any, Transformer]) -> None:
+    _, ours = reference
+    md = AttentionMetadata.paged([2], [2], [[1]], 4)
+    with pytest.raises(ValueError, match="kv_cache shape"):
+        ours(torch.tensor([1, 2]), torch.arange(2), md, torch.zeros(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="positions"):
+        ours(torch.tensor([1, 2]), torch.arange(3), AttentionMetadata.contiguous([2]))
+    with pytest.raises(ValueError, match="query_len"):
+        AttentionMetadata.paged([3], [2], [[1]], 4)
+
+
+def test_save_pretrained_layout_has_no_index(tmp_path: Path) -> None:
+    """A single model.safetensors (no index) loads too: the layout transformers writes for small models."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**COMMON, **CONFIGS["flat"]))
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "model.safetensors.index.json").exists()
+    model = load_checkpoint(tmp_path, progress=False, dtype="bfloat16")
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    torch.testing.assert_close(model.norm.weight.float(), hf.model.norm.weight.detach())
