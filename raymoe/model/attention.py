@@ -97,26 +97,49 @@ class AttentionMetadata:
 class AttentionPlan:
     """Per-step index tensors shared by all layers.
 
+    With a cache, `*_gather` are block ids [S, nblk] into the layer's cache viewed as
+    [num_blocks, block_size, D] (whole blocks are copied: one index per block, not per token), and
+    key length L = nblk * block_size; without a cache they are row ids [S, L] into the new tokens'
+    latents [T, D]. Keys past a sequence's context are masked.
+
     Decode part (sequences with one new token, absorbed MLA):
-      d_tokens [Sd] flat token index, d_gather [Sd, Ld] source rows, d_mask [Sd, 1, 1, Ld].
+      d_tokens [Sd] flat token index (None when every sequence decodes), d_gather, d_bias [Sd, 1, Ld]
+      additive mask (0 or -inf, float32).
     Prefill part (sequences with several new tokens, expanded MLA):
       p_tokens [Sp, Qp] flat token index (padding repeats the last token), p_valid [Sp, Qp],
-      p_gather [Sp, Lp] source rows, p_mask [Sp, 1, Qp, Lp] causal, offset by the cached context.
-    Source rows index the layer's flat cache [num_blocks * block_size, D], or the new tokens'
-    latents [T, D] when there is no cache.
+      p_gather, p_mask [Sp, 1, Qp, Lp] causal, offset by the cached context.
     """
 
     num_tokens: int
     all_decode: bool
+    block_size: int | None
     d_tokens: torch.Tensor | None = None
     d_gather: torch.Tensor | None = None
-    d_mask: torch.Tensor | None = None
+    d_bias: torch.Tensor | None = None
     p_tokens: torch.Tensor | None = None
     p_valid: torch.Tensor | None = None
     p_valid_flat: torch.Tensor | None = None
     p_tokens_valid: torch.Tensor | None = None
     p_gather: torch.Tensor | None = None
     p_mask: torch.Tensor | None = None
+    _bias_cache: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def decode_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        assert self.d_bias is not None
+        b = self._bias_cache.get(dtype)
+        if b is None:
+            b = self.d_bias.to(dtype)
+            self._bias_cache[dtype] = b
+        return b
+
+    def gather(self, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Latents [S, L, D] of the sequences' keys, from the flat cache [num_blocks * block_size, D]."""
+        # index_select copies whole rows (~5x faster than advanced indexing on CPU)
+        d = source.shape[-1]
+        if self.block_size is None:
+            return torch.index_select(source, 0, index.reshape(-1)).view(index.shape[0], -1, d)
+        blocks = torch.index_select(source.view(-1, self.block_size * d), 0, index.reshape(-1))
+        return blocks.view(index.shape[0], -1, d)
 
     @classmethod
     def build(cls, md: AttentionMetadata, block_size: int | None) -> AttentionPlan:
@@ -130,32 +153,35 @@ class AttentionPlan:
             raise ValueError("AttentionMetadata has no block_tables but a KV cache was given")
         dec = [i for i, q in enumerate(qlens) if q == 1]
         pre = [i for i, q in enumerate(qlens) if q > 1]
-        plan = cls(num_tokens=num_tokens, all_decode=len(dec) == len(qlens))
+        plan = cls(num_tokens=num_tokens, all_decode=len(dec) == len(qlens), block_size=block_size)
         qsl = md.query_start_loc
         ctx = md.context_lens
 
-        def gather_rows(seqs: torch.Tensor, length: int) -> torch.Tensor:
-            kpos = torch.arange(length, device=device)
+        def gather_index(seqs: torch.Tensor, length: int) -> tuple[torch.Tensor, int]:
+            """(index, padded key length) for the sequences' first `length` positions."""
             if block_size is None:
                 # the sequence's own new tokens; positions past the end clamp (masked anyway)
+                kpos = torch.arange(length, device=device)
                 lim = ctx[seqs].unsqueeze(1) - 1
-                return qsl[seqs].unsqueeze(1) + torch.minimum(kpos.unsqueeze(0), lim)
+                return qsl[seqs].unsqueeze(1) + torch.minimum(kpos.unsqueeze(0), lim), length
             assert md.block_tables is not None
-            tables = md.block_tables[seqs]
-            blk = torch.clamp(kpos // block_size, max=tables.shape[1] - 1)
-            return tables[:, blk] * block_size + (kpos % block_size)
+            nblk = -(-length // block_size)
+            if nblk > md.block_tables.shape[1]:
+                raise ValueError(f"block_tables have {md.block_tables.shape[1]} columns, {nblk} needed")
+            return md.block_tables[seqs, :nblk], nblk * block_size
 
         if dec:
             ld = max(clens[i] for i in dec)
             if plan.all_decode:
                 seqs = torch.arange(len(qlens), device=device)
-                plan.d_tokens = None  # token order == sequence order
             else:
                 seqs = torch.tensor(dec, dtype=torch.long, device=device)
                 plan.d_tokens = qsl[seqs]
-            plan.d_gather = gather_rows(seqs, ld)
+            plan.d_gather, ld = gather_index(seqs, ld)
             kpos = torch.arange(ld, device=device)
-            plan.d_mask = (kpos.unsqueeze(0) < ctx[seqs].unsqueeze(1)).view(len(dec), 1, 1, ld)
+            visible = kpos.unsqueeze(0) < ctx[seqs].unsqueeze(1)
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible, float("-inf"))
+            plan.d_bias = bias.unsqueeze(1)
         if pre:
             seqs = torch.tensor(pre, dtype=torch.long, device=device)
             qp = max(qlens[i] for i in pre)
@@ -169,7 +195,7 @@ class AttentionPlan:
             plan.p_valid_flat = valid.reshape(-1)
             plan.p_tokens_valid = plan.p_tokens[valid]
             qabs = ctx[seqs].unsqueeze(1) - qlen_t.unsqueeze(1) + jc  # absolute position of each query
+            plan.p_gather, lp = gather_index(seqs, lp)
             kpos = torch.arange(lp, device=device)
             plan.p_mask = (kpos.view(1, 1, lp) <= qabs.unsqueeze(2)).unsqueeze(1)
-            plan.p_gather = gather_rows(seqs, lp)
         return plan

@@ -142,33 +142,35 @@ class MLA(nn.Module):
             source.index_copy_(0, ctx.slot_mapping, latent.to(source.dtype))
         plan = ctx.plan
         if plan.all_decode:
-            out = self._decode(q_nope, q_pe, source, plan.d_gather, plan.d_mask)
+            out = self._decode(q_nope, q_pe, source, plan)
         else:
             out = x.new_empty(T, h * self.v_head_dim)
             if plan.d_gather is not None:
                 idx = plan.d_tokens
-                out[idx] = self._decode(q_nope[idx], q_pe[idx], source, plan.d_gather, plan.d_mask)
+                out[idx] = self._decode(q_nope[idx], q_pe[idx], source, plan)
             if plan.p_gather is not None:
                 self._prefill(q_nope, q_pe, source, plan, out)
         return self.o_proj(out)
 
-    def _decode(
-        self,
-        q_nope: torch.Tensor,
-        q_pe: torch.Tensor,
-        source: torch.Tensor,
-        gather: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """One query per sequence: absorb W_UK into q, attend over latents, project out through W_UV."""
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, source: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """One query per sequence: absorb W_UK into q, attend over the latents, project out through W_UV.
+
+        All heads of a sequence share one latent key/value row set, so scores are one batched
+        matmul per step ([S, H, r+dr] x [S, r+dr, L]), not a per-head expansion.
+        """
+        assert plan.d_gather is not None
         s = q_nope.shape[0]
         h, dn, r = self.num_heads, self.qk_nope_head_dim, self.kv_lora_rank
         w = self.kv_b_proj.weight.view(h, dn + self.v_head_dim, r)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :dn]).transpose(0, 1)  # [S, H, r]
-        q_full = torch.cat((q_lat, q_pe.to(q_lat.dtype)), dim=-1).unsqueeze(1)  # [S, 1, H, r+dr]
-        kv = source[gather].unsqueeze(1).to(q_full.dtype)  # [S, 1, L, r+dr]
-        o = F.scaled_dot_product_attention(q_full, kv, kv[..., :r], attn_mask=mask, scale=self.softmax_scale)
-        o = torch.bmm(o.squeeze(1).transpose(0, 1), w[:, dn:].transpose(1, 2))  # [H, S, dv]
+        q_full = torch.cat((q_lat, q_pe.to(q_lat.dtype)), dim=-1)  # [S, H, r+dr]
+        kv = plan.gather(source, plan.d_gather).to(q_full.dtype)  # [S, L, r+dr]
+        scores = torch.baddbmm(
+            plan.decode_bias(q_full.dtype), q_full, kv.transpose(1, 2), alpha=self.softmax_scale
+        )  # [S, H, L]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_full.dtype)
+        o = torch.bmm(probs, kv[..., :r])  # [S, H, r]
+        o = torch.bmm(o.transpose(0, 1), w[:, dn:].transpose(1, 2))  # [H, S, dv]
         return o.transpose(0, 1).reshape(s, h * self.v_head_dim)
 
     def _prefill(
@@ -182,9 +184,9 @@ class MLA(nn.Module):
         """Several queries per sequence: expand the latents to per-head keys/values, causal with cached offset."""
         assert plan.p_gather is not None and plan.p_tokens is not None and plan.p_valid_flat is not None
         h, dn, dr, r, dv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank, self.v_head_dim
-        sp, lp = plan.p_gather.shape
+        kv = plan.gather(source, plan.p_gather).to(q_nope.dtype)  # [Sp, Lp, r+dr]
+        sp, lp = kv.shape[:2]
         qp = plan.p_tokens.shape[1]
-        kv = source[plan.p_gather].to(q_nope.dtype)  # [Sp, Lp, r+dr]
         kvb = self.kv_b_proj(kv[..., :r]).view(sp, lp, h, dn + dv)
         k = torch.cat((kvb[..., :dn], kv[..., r:].unsqueeze(2).expand(sp, lp, h, dr)), dim=-1)
         v = kvb[..., dn:]
@@ -243,12 +245,32 @@ class Gate(nn.Module):
         return ids, weights * self.route_scale
 
 
+@dataclass
+class ExpertStack:
+    """The hosted experts' weights as batched tensors: w13 [E_h, 2I, D] (gate rows then up rows), w2 [E_h, D, I].
+
+    row[e] is expert e's index in the stack (-1: not hosted). `key` identifies the weights it was
+    built from, so a swapped or moved expert is noticed and the stack rebuilt.
+    """
+
+    key: tuple[tuple[int, int, int, int], ...]
+    w13: torch.Tensor
+    w2: torch.Tensor
+    row: torch.Tensor
+    all_hosted: bool
+
+
 class MoE(nn.Module):
     """Routed experts (entries None where this process does not host them) plus shared experts."""
+
+    # Padding rows each expert with tokens may add before one batched matmul over all hosted experts
+    # costs more than a matmul pair per expert (a call costs about as much as 16 rows on a CPU core).
+    PAD_ROWS_PER_EXPERT = 16
 
     def __init__(self, config: ModelConfig, hosted: Iterable[int] | None = None) -> None:
         super().__init__()
         self.n_routed_experts = config.n_routed_experts
+        self.moe_intermediate_size = config.moe_intermediate_size
         self.gate = Gate(config)
         keep = set(range(config.n_routed_experts)) if hosted is None else set(hosted)
         bad = [e for e in keep if not 0 <= e < config.n_routed_experts]
@@ -261,6 +283,7 @@ class MoE(nn.Module):
             ]
         )
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self._stack: ExpertStack | None = None
 
     @property
     def hosted_experts(self) -> list[int]:
@@ -270,32 +293,90 @@ class MoE(nn.Module):
         """[T, top_k] logical expert ids (int64) and their float32 weights (scaled)."""
         return self.gate(x)
 
-    def expert_forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of the routed experts' outputs, one matmul chain per expert that has tokens.
+    def expert_stack(self) -> ExpertStack | None:
+        """Batched weights of the hosted experts (None when none is hosted), built on first use.
 
-        Experts not hosted here contribute nothing, so a caller can sum partial results across hosts.
+        The experts' own parameters are then re-pointed to views of the stack: no second copy, and
+        an in-place update through either name (e.g. loading a migrated expert) is seen by both.
+        Assigning a new module or parameter changes the key and rebuilds the stack.
+        """
+        hosted = [(e, m) for e, m in enumerate(self.experts) if m is not None]
+        key = tuple(
+            (e, m.gate_proj.weight.data_ptr(), m.up_proj.weight.data_ptr(), m.down_proj.weight.data_ptr())
+            for e, m in hosted
+        )
+        st = self._stack
+        if st is not None and st.key == key:
+            return st
+        if not hosted:
+            self._stack = None
+            return None
+        with torch.no_grad():
+            w13 = torch.stack([torch.cat((m.gate_proj.weight, m.up_proj.weight)) for _, m in hosted])
+            w2 = torch.stack([m.down_proj.weight for _, m in hosted])
+        inter = self.moe_intermediate_size
+        for i, (_, m) in enumerate(hosted):
+            m.gate_proj.weight = nn.Parameter(w13[i, :inter], requires_grad=False)
+            m.up_proj.weight = nn.Parameter(w13[i, inter:], requires_grad=False)
+            m.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
+        row = torch.full((self.n_routed_experts,), -1, dtype=torch.long, device=w13.device)
+        row[torch.tensor([e for e, _ in hosted], device=w13.device)] = torch.arange(len(hosted), device=w13.device)
+        key = tuple(
+            (e, m.gate_proj.weight.data_ptr(), m.up_proj.weight.data_ptr(), m.down_proj.weight.data_ptr())
+            for e, m in hosted
+        )
+        self._stack = ExpertStack(key, w13, w2, row, len(hosted) == self.n_routed_experts)
+        return self._stack
+
+    def expert_forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the routed experts' outputs; assignments grouped per expert.
+
+        Small batches (decode) run all experts as two batched matmuls over per-expert padded rows;
+        large ones (prefill) one matmul pair per expert that has tokens. Experts not hosted here
+        contribute nothing, so a caller can sum partial results across hosts.
         """
         t, k = ids.shape
         out = torch.zeros_like(x)
-        if t == 0:
+        st = self.expert_stack()
+        if t == 0 or st is None:
             return out
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.n_routed_experts).tolist()
-        if len(counts) > self.n_routed_experts:
-            raise ValueError(f"expert id {len(counts) - 1} out of range [0, {self.n_routed_experts})")
-        token = order // k
-        xs = x[token]
-        ys = torch.zeros_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                expert = self.experts[e]
-                if expert is not None:
-                    ys[start : start + n] = expert(xs[start : start + n])
-                start += n
-        ys.mul_(weights.reshape(-1)[order].to(x.dtype).unsqueeze(1))
-        return out.index_add_(0, token, ys)
+        rows = st.row[ids.reshape(-1)]
+        if rows.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_routed_experts):
+            raise ValueError(f"expert ids must be in [0, {self.n_routed_experts})")
+        token = torch.arange(t, device=x.device).repeat_interleave(k)
+        w = weights.reshape(-1)
+        if not st.all_hosted:
+            mine = rows >= 0
+            rows, token, w = rows[mine], token[mine], w[mine]
+            if rows.numel() == 0:
+                return out
+        rows, order = torch.sort(rows, stable=True)
+        token, w = token[order], w[order].to(x.dtype)
+        n_rows = st.w13.shape[0]
+        counts = torch.bincount(rows, minlength=n_rows)
+        counts_list = counts.tolist()
+        width = max(counts_list)
+        inter = self.moe_intermediate_size
+        active = sum(1 for c in counts_list if c)
+        # the batched form reads every hosted expert's weights: worth it once most of them have tokens
+        if 2 * active >= n_rows and n_rows * width - rows.numel() <= self.PAD_ROWS_PER_EXPERT * active:
+            starts = torch.cumsum(counts, 0) - counts
+            # flat position of each assignment in the padded [n_rows, width] grid
+            cell = rows * width + torch.arange(rows.numel(), device=x.device) - starts[rows]
+            xb = x.new_zeros(n_rows * width, x.shape[1]).index_copy_(0, cell, x.index_select(0, token))
+            h = torch.bmm(xb.view(n_rows, width, -1), st.w13.transpose(1, 2))
+            h = F.silu(h[..., :inter]) * h[..., inter:]
+            ys = torch.bmm(h, st.w2.transpose(1, 2)).view(n_rows * width, -1).index_select(0, cell)
+        else:
+            xs = x.index_select(0, token)
+            ys = torch.empty_like(xs)
+            start = 0
+            for r, n in enumerate(counts_list):
+                if n:
+                    h = F.linear(xs[start : start + n], st.w13[r])
+                    ys[start : start + n] = F.linear(F.silu(h[:, :inter]) * h[:, inter:], st.w2[r])
+                    start += n
+        return out.index_add_(0, token, ys * w.unsqueeze(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.route(x)
