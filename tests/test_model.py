@@ -228,3 +228,64 @@ def test_save_pretrained_layout_has_no_index(tmp_path: Path) -> None:
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     torch.testing.assert_close(model.norm.weight.float(), hf.model.norm.weight.detach())
+    # a bfloat16 forward runs (float32 logits) and tracks the float32 reference
+    ids = PROMPTS[1]
+    with torch.no_grad():
+        got = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), AttentionMetadata.contiguous([len(ids)])))
+    ref = hf_logits(hf.eval(), ids)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.99
+
+
+def reference_moe(moe: Any, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Token by token, expert by expert: the definition the grouped paths must reproduce."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(ids[t].tolist(), weights[t].tolist(), strict=True):
+            if moe.experts[e] is not None:
+                out[t] += w * moe.experts[e](x[t : t + 1])[0]
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 32, 200])
+def test_expert_forward_paths_agree(reference: tuple[Any, Transformer], tokens: int) -> None:
+    """Padded batched matmul and the per-expert loop both equal the per-token definition."""
+    _, ours = reference
+    moe = ours.layers[ours.config.first_k_dense_replace].mlp
+    x = torch.randn(tokens, ours.config.hidden_size)
+    ids, weights = moe.route(x)
+    want = reference_moe(moe, x, ids, weights)
+    try:
+        for pad in (10**9, -(10**9)):  # always batched, never batched
+            moe.PAD_ROWS_PER_EXPERT = pad
+            torch.testing.assert_close(moe.expert_forward(x, ids, weights), want, atol=1e-5, rtol=1e-5)
+    finally:
+        del moe.PAD_ROWS_PER_EXPERT
+    with pytest.raises(ValueError, match="expert ids must be in"):
+        moe.expert_forward(x, torch.full_like(ids, ours.config.n_routed_experts), weights)
+
+
+def test_expert_weight_updates_are_seen(reference: tuple[Any, Transformer]) -> None:
+    """The batched weights follow in-place copies (migration) and swapped expert modules."""
+    from raymoe.model.deepseek_v3 import MLP
+
+    _, ours = reference
+    cfg = ours.config
+    moe = ours.layers[cfg.first_k_dense_replace].mlp
+    x = torch.randn(16, cfg.hidden_size)
+    ids, weights = moe.route(x)
+    ids = torch.zeros_like(ids)  # everything to expert 0
+    old = moe.experts[0]
+    before = moe.expert_forward(x, ids, weights)
+    try:
+        with torch.no_grad():
+            saved = old.down_proj.weight.clone()
+            old.down_proj.weight.mul_(2.0)  # in place, e.g. a migrated expert copied in
+            torch.testing.assert_close(moe.expert_forward(x, ids, weights), 2 * before, atol=1e-5, rtol=1e-5)
+            old.down_proj.weight.copy_(saved)
+        fresh = MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+        moe.experts[0] = fresh
+        torch.testing.assert_close(moe.expert_forward(x, ids, weights), reference_moe(moe, x, ids, weights))
+    finally:
+        moe.experts[0] = old
+    torch.testing.assert_close(moe.expert_forward(x, ids, weights), before)

@@ -340,9 +340,10 @@ class MoE(nn.Module):
         st = self.expert_stack()
         if t == 0 or st is None:
             return out
-        rows = st.row[ids.reshape(-1)]
-        if rows.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_routed_experts):
+        lo, hi = torch.aminmax(ids)
+        if int(lo) < 0 or int(hi) >= self.n_routed_experts:
             raise ValueError(f"expert ids must be in [0, {self.n_routed_experts})")
+        rows = st.row[ids.reshape(-1)]
         token = torch.arange(t, device=x.device).repeat_interleave(k)
         w = weights.reshape(-1)
         if not st.all_hosted:
