@@ -311,16 +311,17 @@ class MoE(nn.Module):
         if not hosted:
             self._stack = None
             return None
-        with torch.no_grad():
+        # normal tensors even under inference_mode: the parameters must stay updatable in place
+        with torch.inference_mode(False), torch.no_grad():
             w13 = torch.stack([torch.cat((m.gate_proj.weight, m.up_proj.weight)) for _, m in hosted])
             w2 = torch.stack([m.down_proj.weight for _, m in hosted])
-        inter = self.moe_intermediate_size
-        for i, (_, m) in enumerate(hosted):
-            m.gate_proj.weight = nn.Parameter(w13[i, :inter], requires_grad=False)
-            m.up_proj.weight = nn.Parameter(w13[i, inter:], requires_grad=False)
-            m.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
-        row = torch.full((self.n_routed_experts,), -1, dtype=torch.long, device=w13.device)
-        row[torch.tensor([e for e, _ in hosted], device=w13.device)] = torch.arange(len(hosted), device=w13.device)
+            inter = self.moe_intermediate_size
+            for i, (_, m) in enumerate(hosted):
+                m.gate_proj.weight = nn.Parameter(w13[i, :inter], requires_grad=False)
+                m.up_proj.weight = nn.Parameter(w13[i, inter:], requires_grad=False)
+                m.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
+            row = torch.full((self.n_routed_experts,), -1, dtype=torch.long, device=w13.device)
+            row[torch.tensor([e for e, _ in hosted], device=w13.device)] = torch.arange(len(hosted), device=w13.device)
         key = tuple(
             (e, m.gate_proj.weight.data_ptr(), m.up_proj.weight.data_ptr(), m.down_proj.weight.data_ptr())
             for e, m in hosted
