@@ -249,15 +249,25 @@ class Gate(nn.Module):
 class ExpertStack:
     """The hosted experts' weights as batched tensors: w13 [E_h, 2I, D] (gate rows then up rows), w2 [E_h, D, I].
 
-    row[e] is expert e's index in the stack (-1: not hosted). `key` identifies the weights it was
-    built from, so a swapped or moved expert is noticed and the stack rebuilt.
+    row[e] is expert e's index in the stack (-1: not hosted). It remembers the modules and
+    parameters it was built from, so a swapped or moved expert is noticed and the stack rebuilt.
     """
 
-    key: tuple[tuple[int, int, int, int], ...]
+    modules: tuple[nn.Module | None, ...]
+    params: list[tuple[nn.Module, nn.Parameter]]
     w13: torch.Tensor
     w2: torch.Tensor
     row: torch.Tensor
     all_hosted: bool
+
+    def valid_for(self, experts: nn.ModuleList) -> bool:
+        """Same expert modules, same parameter objects, still views of this stack (not moved by .to())."""
+        mods = tuple(experts._modules.values())
+        if len(mods) != len(self.modules) or any(a is not b for a, b in zip(mods, self.modules, strict=True)):
+            return False
+        if any(lin._parameters.get("weight") is not p for lin, p in self.params):
+            return False
+        return self.params[0][1].data_ptr() == self.w13.data_ptr() and self.params[2][1].data_ptr() == self.w2.data_ptr()
 
 
 class MoE(nn.Module):
@@ -298,16 +308,12 @@ class MoE(nn.Module):
 
         The experts' own parameters are then re-pointed to views of the stack: no second copy, and
         an in-place update through either name (e.g. loading a migrated expert) is seen by both.
-        Assigning a new module or parameter changes the key and rebuilds the stack.
+        Assigning a new module or parameter, or moving the model (.to()), rebuilds the stack.
         """
-        hosted = [(e, m) for e, m in enumerate(self.experts) if m is not None]
-        key = tuple(
-            (e, m.gate_proj.weight.data_ptr(), m.up_proj.weight.data_ptr(), m.down_proj.weight.data_ptr())
-            for e, m in hosted
-        )
         st = self._stack
-        if st is not None and st.key == key:
+        if st is not None and st.valid_for(self.experts):
             return st
+        hosted = [(e, m) for e, m in enumerate(self.experts) if m is not None]
         if not hosted:
             self._stack = None
             return None
@@ -322,11 +328,9 @@ class MoE(nn.Module):
                 m.down_proj.weight = nn.Parameter(w2[i], requires_grad=False)
             row = torch.full((self.n_routed_experts,), -1, dtype=torch.long, device=w13.device)
             row[torch.tensor([e for e, _ in hosted], device=w13.device)] = torch.arange(len(hosted), device=w13.device)
-        key = tuple(
-            (e, m.gate_proj.weight.data_ptr(), m.up_proj.weight.data_ptr(), m.down_proj.weight.data_ptr())
-            for e, m in hosted
-        )
-        self._stack = ExpertStack(key, w13, w2, row, len(hosted) == self.n_routed_experts)
+        params = [(lin, lin.weight) for _, m in hosted for lin in (m.gate_proj, m.up_proj, m.down_proj)]
+        modules = tuple(self.experts._modules.values())
+        self._stack = ExpertStack(modules, params, w13, w2, row, len(hosted) == self.n_routed_experts)
         return self._stack
 
     def expert_forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
