@@ -1,0 +1,86 @@
+"""The single-process executor (dp_size=1): one model, one paged latent KV cache, the sampler."""
+
+from __future__ import annotations
+
+import torch
+
+from raymoe.engine.executor import ModelInput, SamplerOutput
+from raymoe.engine.sampler import Sampler
+from raymoe.model.deepseek_v3 import Transformer
+
+
+class ModelRunner:
+    """Runs the model over one rank's flat batch and samples on the device the logits are on."""
+
+    def __init__(self, model: Transformer, num_kv_blocks: int, block_size: int) -> None:
+        if num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
+        self.model = model.eval()
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        self._num_kv_blocks = num_kv_blocks
+        self._block_size = block_size
+        self.kv_cache = torch.zeros(model.kv_cache_shape(num_kv_blocks, block_size), dtype=self.dtype, device=self.device)
+        self.sampler = Sampler()
+
+    @property
+    def dp_size(self) -> int:
+        return 1
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._num_kv_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Latent cache bytes one token takes over all layers (kv_lora_rank + rope dims per layer)."""
+        layers, _, _, dim = self.kv_cache.shape
+        return layers * dim * self.kv_cache.element_size()
+
+    @torch.inference_mode()
+    def execute(self, inputs: list[ModelInput | None]) -> list[SamplerOutput | None]:
+        if len(inputs) != 1:
+            raise ValueError(f"ModelRunner has one DP rank, got {len(inputs)} inputs")
+        inp = inputs[0]
+        if inp is None:
+            return [None]
+        dev = self.device
+        hidden = self.model(
+            inp.input_ids.to(dev, non_blocking=True),
+            inp.positions.to(dev, non_blocking=True),
+            inp.attention_metadata(dev),
+            self.kv_cache,
+        )
+        if inp.sampling is None or inp.sample_indices.numel() == 0:
+            return [SamplerOutput([], None)]
+        idx = inp.sample_indices.to(dev, non_blocking=True)
+        rows = hidden if idx.numel() == hidden.shape[0] else hidden[idx]
+        logits = self.model.compute_logits(rows)
+        return [self.sampler(logits, inp.sampling)]
+
+    def _check(self, dp_rank: int, block_ids: list[int]) -> None:
+        if dp_rank != 0:
+            raise ValueError(f"dp_rank {dp_rank} out of range (dp_size=1)")
+        if block_ids and not (0 <= min(block_ids) and max(block_ids) < self._num_kv_blocks):
+            raise ValueError(f"block_ids out of range [0, {self._num_kv_blocks})")
+
+    def read_kv(self, dp_rank: int, block_ids: list[int]) -> torch.Tensor:
+        self._check(dp_rank, block_ids)
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.kv_cache.index_select(1, idx).cpu()
+
+    def write_kv(self, dp_rank: int, block_ids: list[int], kv: torch.Tensor) -> None:
+        self._check(dp_rank, block_ids)
+        want = (self.kv_cache.shape[0], len(block_ids), *self.kv_cache.shape[2:])
+        if tuple(kv.shape) != want:
+            raise ValueError(f"kv shape {tuple(kv.shape)} does not match {want}")
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv_cache.index_copy_(1, idx, kv.to(device=self.device, dtype=self.dtype))
+
+    def shutdown(self) -> None:
+        self.kv_cache = torch.empty(0)
