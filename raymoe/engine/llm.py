@@ -75,7 +75,9 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[GenerationOutput]:
         """Completions in prompt order. A prompt is text or a list of token ids; params one for all or one each."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -96,11 +98,15 @@ class LLM:
             logprobs: dict[str, list[float]] = {r: [] for r in ids}
             done: dict[str, tuple[str | None, str | None]] = {}
             prompt_ids = {r: list(engine.requests[r].token_ids) for r in ids}
-            with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm, leave=False) as bar:
+            with tqdm(
+                total=len(ids), desc="generating", unit="req", disable=not use_tqdm, leave=False
+            ) as bar:
                 while len(done) < len(ids):
                     outs = engine.step()
                     if not outs and not engine.last_step_ran:
-                        raise RuntimeError("the engine cannot make progress: KV blocks are held by prefill_only requests")
+                        raise RuntimeError(
+                            "the engine cannot make progress: KV blocks are held by prefill_only requests"
+                        )
                     for out in outs:
                         if out.request_id not in tokens:
                             continue

@@ -36,7 +36,9 @@ class EngineConfig(BaseModel):
     model: str = Field(description="checkpoint directory (Hugging Face DeepSeek-V3 layout)")
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'")
-    max_model_len: int | None = Field(None, ge=2, description="prompt + generated tokens; default min(config, 8192)")
+    max_model_len: int | None = Field(
+        None, ge=2, description="prompt + generated tokens; default min(config, 8192)"
+    )
     kv_cache_tokens: int | None = Field(None, ge=1, description="tokens of latent KV per DP rank")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="on CUDA without kv_cache_tokens")
     block_size: int = Field(16, ge=1, le=1024)
@@ -217,7 +219,11 @@ class LLMEngine:
         params = params or SamplingParams()
         ids = self._tokenize(request_id, prompt)
         seq = Sequence(
-            request_id, ids, params, arrival=next(self._arrivals), max_model_len=self.max_model_len,
+            request_id,
+            ids,
+            params,
+            arrival=next(self._arrivals),
+            max_model_len=self.max_model_len,
             prefill_only=prefill_only,
         )
         self._check_fits(request_id, seq)
@@ -228,7 +234,9 @@ class LLMEngine:
         self.requests[request_id] = seq
         return seq.num_prompt_tokens
 
-    def add_request_with_kv(self, request_id: str, handoff: KVHandoff, params: SamplingParams | None = None) -> None:
+    def add_request_with_kv(
+        self, request_id: str, handoff: KVHandoff, params: SamplingParams | None = None
+    ) -> None:
         """Decode side of disaggregation: the prompt's KV is written into fresh blocks, the first token decodes next."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} already exists")
@@ -237,8 +245,12 @@ class LLMEngine:
         mc = self.model_config
         want = (mc.num_hidden_layers, len(ids), mc.kv_cache_dim)
         if tuple(handoff.kv.shape) != want:
-            raise ValueError(f"request {request_id!r}: handoff kv has shape {tuple(handoff.kv.shape)}, expected {want}")
-        seq = Sequence(request_id, ids, params, arrival=next(self._arrivals), max_model_len=self.max_model_len)
+            raise ValueError(
+                f"request {request_id!r}: handoff kv has shape {tuple(handoff.kv.shape)}, expected {want}"
+            )
+        seq = Sequence(
+            request_id, ids, params, arrival=next(self._arrivals), max_model_len=self.max_model_len
+        )
         self._check_fits(request_id, seq)
         if params.stop_strings:
             seq.output_text = ""
@@ -352,7 +364,9 @@ class LLMEngine:
         nb = -(-n // self.block_size)
         if nb * self.block_size != n:
             kv = torch.cat((kv, kv.new_zeros(kv.shape[0], nb * self.block_size - n, kv.shape[2])), dim=1)
-        self.executor.write_kv(rank, seq.block_table[:nb], kv.view(kv.shape[0], nb, self.block_size, kv.shape[2]))
+        self.executor.write_kv(
+            rank, seq.block_table[:nb], kv.view(kv.shape[0], nb, self.block_size, kv.shape[2])
+        )
 
     def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> bool:
         """Add a generated token; True when it ends the request (finish_reason set)."""
@@ -420,7 +434,9 @@ class LLMEngine:
                 outputs.extend(self._postprocess(rank, batch, result))
         return outputs
 
-    def _postprocess(self, rank: int, batch: ScheduledBatch, result: SamplerOutput | None) -> list[RequestOutput]:
+    def _postprocess(
+        self, rank: int, batch: ScheduledBatch, result: SamplerOutput | None
+    ) -> list[RequestOutput]:
         bm = self.block_managers[rank]
         sched = self.schedulers[rank]
         outputs: list[RequestOutput] = []

@@ -21,7 +21,9 @@ class ModelRunner:
         self.dtype = param.dtype
         self._num_kv_blocks = num_kv_blocks
         self._block_size = block_size
-        self.kv_cache = torch.zeros(model.kv_cache_shape(num_kv_blocks, block_size), dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(
+            model.kv_cache_shape(num_kv_blocks, block_size), dtype=self.dtype, device=self.device
+        )
         self.sampler = Sampler()
 
     @property

@@ -18,7 +18,9 @@ def row_generator(seed: int, output_index: int, device: torch.device) -> torch.G
     return torch.Generator(device=device).manual_seed(hash((seed, output_index)) & _SEED_MASK)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None) -> torch.Tensor:
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None
+) -> torch.Tensor:
     """Mask (to -inf) the tokens outside each row's top-k and top-p nucleus; one sort for both."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
