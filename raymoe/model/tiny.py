@@ -26,7 +26,7 @@ from raymoe.model.deepseek_v3 import Transformer
 from raymoe.model.weights import INDEX_FILE, checkpoint_name, quantize_fp8_block
 
 # Bump when the default tiny checkpoint changes: a cached copy with another version is rebuilt.
-TINY_VERSION = 2
+TINY_VERSION = 3
 MARKER_FILE = "raymoe_tiny.json"
 FP8_BLOCK = (128, 128)
 
@@ -36,14 +36,14 @@ TINY_CONFIG: dict[str, Any] = {
     "model_type": "deepseek_v3",
     "vocab_size": 2048,  # the cap; make_tiny writes the trained BPE's size (~940)
     "hidden_size": 256,
-    "intermediate_size": 768,
-    "moe_intermediate_size": 128,
+    "intermediate_size": 576,  # 9 experts wide, as in V3 (18432 = 9 x 2048)
+    "moe_intermediate_size": 64,  # hidden / 4 (V3: 7168 / 3.5)
     "num_hidden_layers": 4,
     "num_nextn_predict_layers": 1,
     "num_attention_heads": 8,
     "num_key_value_heads": 8,
     "n_shared_experts": 1,
-    "n_routed_experts": 32,
+    "n_routed_experts": 64,
     "routed_scaling_factor": 2.5,
     "kv_lora_rank": 64,
     "q_lora_rank": 128,
@@ -52,7 +52,7 @@ TINY_CONFIG: dict[str, Any] = {
     "qk_nope_head_dim": 32,
     "n_group": 8,
     "topk_group": 4,
-    "num_experts_per_tok": 4,
+    "num_experts_per_tok": 8,  # top-8 from at most 4 of 8 groups, as in V3
     "first_k_dense_replace": 2,
     "moe_layer_freq": 1,
     "norm_topk_prob": True,
