@@ -141,6 +141,8 @@ def test_subset_reads_only_requested_experts(ckpts: dict[str, Path]) -> None:
     assert not [n for n in reader.read_names if ".experts." in n and ".experts.5." not in n]
     with pytest.raises(ValueError, match=r"expert ids \[16\] out of range"):
         load_checkpoint(path, experts=[16], progress=False)
+    with pytest.raises(ValueError, match=r"experts: layer 0 is not a MoE layer \(MoE layers: \[1, 2\]\)"):
+        load_checkpoint(path, experts={0: [1]}, progress=False)
 
 
 def _single_file_copy(src: Path, dst: Path, edit: dict[str, torch.Tensor | None]) -> Path:

@@ -422,7 +422,11 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, experts: ExpertSubset = None) -> None:
         super().__init__()
         self.config = config
-        if experts is not None and not isinstance(experts, Mapping):
+        if isinstance(experts, Mapping):
+            stray = sorted(k for k in experts if not (0 <= k < config.num_hidden_layers and config.is_moe_layer(k)))
+            if stray:
+                raise ValueError(f"experts: layer {stray[0]} is not a MoE layer (MoE layers: {config.moe_layers})")
+        elif experts is not None:
             experts = sorted(set(experts))
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -216,15 +215,3 @@ def load_checkpoint(
         reader.close()
     model.eval().requires_grad_(False)
     return model
-
-
-def expert_tensor_names(config: ModelConfig, layer: int, expert: int) -> list[str]:
-    return [f"model.layers.{layer}.mlp.experts.{expert}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-
-
-def hosted_expert_map(config: ModelConfig, experts: Iterable[int] | Mapping[int, Iterable[int]]) -> dict[int, list[int]]:
-    """Normalise an expert subset to {moe_layer: sorted ids}."""
-    if isinstance(experts, Mapping):
-        return {layer: sorted(set(experts.get(layer, ()))) for layer in config.moe_layers}
-    ids = sorted(set(experts))
-    return {layer: ids for layer in config.moe_layers}
