@@ -35,6 +35,32 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (self.dim,), None, self.eps).to(x.dtype)
 
 
+def fused_weight(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
+    """Row-stacked weights of bias-free Linears that read the same input: one matmul, not several.
+
+    Built on first use; the Linears' weights then become contiguous views into it (no second
+    copy, in-place updates seen by both). Rebuilt when a weight is replaced or the model moved.
+    """
+    linears = [owner._modules[n] for n in names]
+    params = [lin._parameters["weight"] for lin in linears]
+    cached = owner.__dict__.get("_fused_weight")
+    if (
+        cached is not None
+        and all(a is b for a, b in zip(cached[1], params, strict=True))
+        and params[0].data_ptr() == cached[0].data_ptr()
+    ):
+        return cached[0]
+    # normal tensors even under inference_mode: the parameters must stay updatable in place
+    with torch.inference_mode(False), torch.no_grad():
+        w = torch.cat(params)
+        start = 0
+        for lin, p in zip(linears, params, strict=True):
+            lin.weight = nn.Parameter(w[start : start + p.shape[0]], requires_grad=False)
+            start += p.shape[0]
+    owner.__dict__["_fused_weight"] = (w, [lin._parameters["weight"] for lin in linears])
+    return w
+
+
 def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Rope inverse frequencies over qk_rope_head_dim (YaRN-corrected when configured) and the cos/sin scale."""
     dim = config.qk_rope_head_dim
@@ -72,17 +98,22 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, float(attention_factor)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate pairs (x0,x1),(x2,x3).. when interleaved, else (x_i, x_{i+d/2}); output is [rotated firsts, rotated seconds].
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate pairs (x0,x1),(x2,x3).. when interleaved (DeepSeek's layout), else (x_i, x_{i+d/2}).
 
-    Queries and keys use the same layout, so dot products equal DeepSeek's complex-number form.
+    The result lists the rotated pairs interleaved whatever the input layout; queries and keys
+    share it, so their dot products are those of the reference.
     """
+    shape = x.shape
+    xf = x.float()
     if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
+        pairs = xf.reshape(*shape[:-1], -1, 2)
     else:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        pairs = xf.reshape(*shape[:-1], 2, -1).transpose(-1, -2)
+    if pairs.stride(-1) != 1 or any(st % 2 for st in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()
+    out = torch.view_as_real(torch.view_as_complex(pairs) * freqs_cis).flatten(-2)
+    return out.to(x.dtype)
 
 
 @dataclass
@@ -90,8 +121,7 @@ class ForwardContext:
     """What every layer needs for one step: the attention plan, rope tables, cache slots."""
 
     plan: AttentionPlan
-    cos: torch.Tensor  # [T, rope_dim/2]
-    sin: torch.Tensor
+    freqs_cis: torch.Tensor  # [T, rope_dim/2] complex64: rope_scale * exp(i * position * inv_freq)
     slot_mapping: torch.Tensor | None
 
 
@@ -127,13 +157,18 @@ class MLA(nn.Module):
         h, dn, dr, r = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if self.q_lora_rank is None:
             q = self.q_proj(x)
+            kv_a = self.kv_a_proj_with_mqa(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            # q_a_proj and kv_a_proj_with_mqa read the same x: one matmul
+            q_a, kv_a = F.linear(x, fused_weight(self, ("q_a_proj", "kv_a_proj_with_mqa"))).split(
+                [self.q_lora_rank, r + dr], dim=-1
+            )
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.view(T, h, self.qk_head_dim)
         q_nope, q_pe = torch.split(q, [dn, dr], dim=-1)
-        q_pe = apply_rope(q_pe, ctx.cos.unsqueeze(1), ctx.sin.unsqueeze(1), self.interleave)
-        c_kv, k_pe = torch.split(self.kv_a_proj_with_mqa(x), [r, dr], dim=-1)
-        latent = torch.cat((self.kv_a_layernorm(c_kv), apply_rope(k_pe, ctx.cos, ctx.sin, self.interleave)), dim=-1)
+        q_pe = apply_rope(q_pe, ctx.freqs_cis.unsqueeze(1), self.interleave)
+        c_kv, k_pe = torch.split(kv_a, [r, dr], dim=-1)
+        latent = torch.cat((self.kv_a_layernorm(c_kv), apply_rope(k_pe, ctx.freqs_cis, self.interleave)), dim=-1)
         if kv_cache is None:
             source = latent
         else:
@@ -204,14 +239,19 @@ class MLA(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers, each routed expert and the shared experts."""
 
-    def __init__(self, dim: int, inter_dim: int) -> None:
+    def __init__(self, dim: int, inter_dim: int, fuse: bool = True) -> None:
         super().__init__()
+        self.inter_dim = inter_dim
+        self.fuse = fuse  # routed experts run from their MoE's stacked weights instead
         self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
         self.up_proj = nn.Linear(dim, inter_dim, bias=False)
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if not self.fuse:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.linear(x, fused_weight(self, ("gate_proj", "up_proj")))
+        return self.down_proj(F.silu(h[..., : self.inter_dim]) * h[..., self.inter_dim :])
 
 
 class Gate(nn.Module):
@@ -288,7 +328,7 @@ class MoE(nn.Module):
             raise ValueError(f"expert ids {sorted(bad)} out of range [0, {config.n_routed_experts})")
         self.experts = nn.ModuleList(
             [
-                MLP(config.hidden_size, config.moe_intermediate_size) if e in keep else None
+                MLP(config.hidden_size, config.moe_intermediate_size, fuse=False) if e in keep else None
                 for e in range(config.n_routed_experts)
             ]
         )
@@ -456,11 +496,12 @@ class Transformer(nn.Module):
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
         return (self.config.num_hidden_layers, num_blocks, block_size, self.config.kv_cache_dim)
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """[T, rope_dim/2] complex64 rotations, scaled by YaRN's attention factor (computed in float32)."""
         if self._inv_freq.device != positions.device:
             self._inv_freq = self._inv_freq.to(positions.device)
-        freqs = positions.to(torch.float32).unsqueeze(1) * self._inv_freq
-        return (freqs.cos() * self.rope_scale).to(dtype), (freqs.sin() * self.rope_scale).to(dtype)
+        angles = positions.to(torch.float32).unsqueeze(1) * self._inv_freq
+        return torch.polar(torch.full_like(angles, self.rope_scale), angles)
 
     def make_context(
         self, positions: torch.Tensor, attn: AttentionMetadata, kv_cache: torch.Tensor | None
@@ -477,8 +518,7 @@ class Transformer(nn.Module):
         plan = attn.plan(kv_cache.shape[2] if kv_cache is not None else None)
         if positions.shape[0] != plan.num_tokens:
             raise ValueError(f"{positions.shape[0]} positions for {plan.num_tokens} tokens in the attention metadata")
-        cos, sin = self.rope(positions, self.embed_tokens.weight.dtype)
-        return ForwardContext(plan, cos, sin, attn.slot_mapping)
+        return ForwardContext(plan, self.rope(positions), attn.slot_mapping)
 
     def forward(
         self,
