@@ -5,7 +5,7 @@ float32, prefill the same prompts, then run greedy decode steps feeding back the
 Figures are decode tokens/s (median over repeats, measured side by side in one process) and KV
 cache bytes per token.
 
-    python benchmarks/bench_model.py [--model PATH] [--batch 1 8 32] [--prompt 128] [--steps 64]
+    python benchmarks/bench_model.py [--model PATH] [--batch 1 8 32] [--prompt 128] [--steps 64] [--threads N]
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
 
