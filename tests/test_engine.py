@@ -317,3 +317,37 @@ def test_cli_generate(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 0 and len(lines) == 3
     assert lines[0].startswith("raymoe: generating 2 completion(s)")
     assert lines[1].startswith("'Hello' -> ") and lines[2].startswith("'The fox' -> ")
+
+
+def test_data_parallel_ranks_balance_and_match_one_rank(tiny: Path, one_by_one: list[list[int]]) -> None:
+    """Two attention DP ranks (a cache each): requests spread over both, same tokens as one rank."""
+    llm = LLM(tiny, block_size=8, data_parallel_size=2, kv_cache_tokens=256)
+    engine = llm.engine
+    assert engine.dp_size == 2 and engine.stats().kv_blocks_total == 64
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, GREEDY)
+    assert sorted({s.dp_rank for s in engine.requests.values()}) == [0, 1]
+    got: dict[str, list[int]] = {}
+    both_busy = False
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        both_busy |= min(engine.stats().running_per_rank) > 0
+    assert both_busy
+    assert [got[str(i)] for i in range(len(PROMPTS))] == one_by_one
+    assert_all_free(llm)
+    # the KV handoff reads from and writes to the request's own rank
+    engine.add_request("p", PROMPTS[2], GREEDY, prefill_only=True)
+    engine.add_request("q", PROMPTS[3], GREEDY, prefill_only=True)
+    while engine.has_unfinished_requests():
+        engine.step()
+    ranks = {engine.requests[r].dp_rank for r in ("p", "q")}
+    handoffs = [engine.export_kv(r) for r in ("p", "q")]
+    single = LLM(tiny, block_size=8).engine
+    for h, rid in zip(handoffs, ("p", "q"), strict=True):
+        single.add_request_with_kv(rid, h, GREEDY)
+    got = {"p": [handoffs[0].first_token_id], "q": [handoffs[1].first_token_id]}
+    while single.has_unfinished_requests():
+        for out in single.step():
+            got[out.request_id].extend(out.new_token_ids)
+    assert ranks == {0, 1} and got == {"p": one_by_one[2], "q": one_by_one[3]}

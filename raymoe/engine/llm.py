@@ -40,6 +40,7 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
+        data_parallel_size: int = 1,
         device: str = "auto",
         parallel: Any = None,
     ) -> None:
@@ -58,6 +59,7 @@ class LLM:
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 enable_prefix_caching=enable_prefix_caching,
+                data_parallel_size=data_parallel_size,
                 parallel=parallel,
             )
         )

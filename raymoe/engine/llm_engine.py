@@ -45,6 +45,11 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(256, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1, description="per-step token budget (chunked prefill)")
     enable_prefix_caching: bool = True
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="attention DP ranks in this process (one model, a cache each); reference for `parallel`",
+    )
     parallel: Any = Field(None, description="raymoe.parallel ParallelConfig: run on an expert-parallel unit")
 
     def resolved_device(self) -> torch.device:
@@ -151,11 +156,13 @@ class LLMEngine:
             from raymoe.parallel.executor import build_executor  # the expert-parallel runtime's own
 
             return build_executor(cfg)
-        from raymoe.engine.model_runner import ModelRunner
+        from raymoe.engine.model_runner import DataParallelRunner, ModelRunner
         from raymoe.model.weights import load_checkpoint
 
         model = load_checkpoint(cfg.model, self.model_config, dtype=cfg.dtype, device=cfg.resolved_device())
         num_blocks = -(-self.kv_cache_tokens() // cfg.block_size)
+        if cfg.data_parallel_size > 1:
+            return DataParallelRunner(model, cfg.data_parallel_size, num_blocks, cfg.block_size)
         return ModelRunner(model, num_blocks, cfg.block_size)
 
     # --- requests ------------------------------------------------------------------------------

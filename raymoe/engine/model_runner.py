@@ -86,3 +86,52 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         self.kv_cache = torch.empty(0)
+
+
+class DataParallelRunner:
+    """`dp_size` attention ranks in one process over one shared model, each with its own paged cache.
+
+    The reference for the expert-parallel runtime's executor: the same per-rank scheduling and KV
+    handoff, run rank after rank on one device, so a distributed result can be compared with it.
+    """
+
+    def __init__(self, model: Transformer, dp_size: int, num_kv_blocks: int, block_size: int) -> None:
+        if dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+        self.ranks = [ModelRunner(model, num_kv_blocks, block_size) for _ in range(dp_size)]
+
+    @property
+    def dp_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.ranks[0].num_kv_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.ranks[0].block_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.ranks[0].kv_bytes_per_token
+
+    def execute(self, inputs: list[ModelInput | None]) -> list[SamplerOutput | None]:
+        if len(inputs) != self.dp_size:
+            raise ValueError(f"{self.dp_size} DP ranks, got {len(inputs)} inputs")
+        return [rank.execute([inp])[0] for rank, inp in zip(self.ranks, inputs, strict=True)]
+
+    def _rank(self, dp_rank: int) -> ModelRunner:
+        if not 0 <= dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank {dp_rank} out of range (dp_size={self.dp_size})")
+        return self.ranks[dp_rank]
+
+    def read_kv(self, dp_rank: int, block_ids: list[int]) -> torch.Tensor:
+        return self._rank(dp_rank).read_kv(0, block_ids)
+
+    def write_kv(self, dp_rank: int, block_ids: list[int], kv: torch.Tensor) -> None:
+        self._rank(dp_rank).write_kv(0, block_ids, kv)
+
+    def shutdown(self) -> None:
+        for rank in self.ranks:
+            rank.shutdown()
