@@ -10,8 +10,13 @@ from raymoe.engine.sampler import Sampler, apply_top_k_top_p
 
 
 def metadata(
-    n: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, seeds=None, logprobs=False
-):
+    n: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = -1,
+    seeds: list[int | None] | None = None,
+    logprobs: bool = False,
+) -> SamplingMetadata:
     seeds = seeds if seeds is not None else [None] * n
     return SamplingMetadata(
         temperatures=torch.full((n,), temperature),
