@@ -351,3 +351,37 @@ def test_data_parallel_ranks_balance_and_match_one_rank(tiny: Path, one_by_one: 
         for out in single.step():
             got[out.request_id].extend(out.new_token_ids)
     assert ranks == {0, 1} and got == {"p": one_by_one[2], "q": one_by_one[3]}
+
+
+def test_preempted_requests_resume_with_the_same_tokens(tiny: Path) -> None:
+    """Two requests that together outgrow the cache: the later one is preempted, recomputed, and unchanged."""
+    prompts = prompts_of([20, 21])
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    expected = generate(LLM(tiny, block_size=8), prompts, params)
+    llm = LLM(tiny, block_size=8, kv_cache_tokens=96)  # 12 blocks; each request grows to 8
+    assert generate(llm, prompts, params) == expected
+    st = llm.engine.stats()
+    assert st.num_preemptions > 0 and st.prefix_cache_hit_tokens > 0  # it came back through the prefix cache
+    assert_all_free(llm)
+
+
+def test_bfloat16_engine_runs(tiny: Path) -> None:
+    llm = LLM(tiny, dtype="bfloat16", block_size=8)
+    assert llm.engine.executor.kv_cache.dtype == torch.bfloat16  # type: ignore[attr-defined]
+    outs = llm.generate(
+        PROMPTS[:3], SamplingParams(max_tokens=5, ignore_eos=True, logprobs=True), use_tqdm=False
+    )
+    assert all(len(o.token_ids) == 5 and o.logprobs is not None and len(o.logprobs) == 5 for o in outs)
+    assert_all_free(llm)
+
+
+def test_chat_renders_the_template(tiny: Path) -> None:
+    llm = LLM(tiny, block_size=8)
+    messages = [{"role": "user", "content": "Hello, who are you?"}]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    (out,) = llm.chat(messages, params, use_tqdm=False)
+    rendered = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert rendered.endswith("<｜Assistant｜>")
+    assert out.prompt_token_ids == llm.tokenizer.encode(rendered)
+    assert out.token_ids == generate(llm, [out.prompt_token_ids], params)[0]
+    assert len(llm.chat([messages, messages], params, use_tqdm=False)) == 2

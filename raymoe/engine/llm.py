@@ -135,5 +135,21 @@ class LLM:
             for rid, prompt, p in zip(ids, prompts, params, strict=True)
         ]
 
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[GenerationOutput]:
+        """Generate replies to one conversation or a list of them, rendered with the checkpoint's chat template."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.engine.config.model} has no tokenizer.json: chat needs one")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def shutdown(self) -> None:
         self.engine.shutdown()
