@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads for both (1: stable on shared boxes)"
     )
@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     hf = DeepseekV3ForCausalLM.from_pretrained(model, dtype=torch.float32).to(args.device).eval()
     hf.generation_config.eos_token_id = None
 
-    warm = make_prompts(2, 16, mc.vocab_size, seed=10_000)
-    run_raymoe(llm, warm, 4)
-    run_transformers(hf, warm, 4)
+    # warm both on the measured shapes (allocator, caches, first-call paths)
+    warm = make_prompts(1, args.prompt_len, mc.vocab_size, seed=10_000)
+    run_raymoe(llm, warm, args.output_len)
+    run_transformers(hf, warm, args.output_len)
 
     rows = []
     hf_kv_per_token = 0.0

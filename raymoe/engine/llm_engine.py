@@ -104,6 +104,11 @@ class EngineStats:
 
 
 class LLMEngine:
+    """One deployment unit's engine. Not thread-safe: drive add/step/abort from one thread (or event loop).
+
+    executor: run on this one instead of building it from the config (tests, custom runtimes).
+    """
+
     def __init__(self, config: EngineConfig, *, executor: Executor | None = None) -> None:
         self.config = config
         path = Path(config.model)
@@ -250,6 +255,8 @@ class LLMEngine:
         params = params or SamplingParams()
         ids = self._tokenize(request_id, handoff.prompt_token_ids)
         mc = self.model_config
+        if not 0 <= handoff.first_token_id < mc.vocab_size:
+            raise ValueError(f"request {request_id!r}: handoff first_token_id must be in [0, {mc.vocab_size})")
         want = (mc.num_hidden_layers, len(ids), mc.kv_cache_dim)
         if tuple(handoff.kv.shape) != want:
             raise ValueError(
