@@ -256,11 +256,14 @@ def test_expert_forward_paths_agree(reference: tuple[Any, Transformer], tokens: 
     ids, weights = moe.route(x)
     want = reference_moe(moe, x, ids, weights)
     try:
+        moe.GROUPED_MM = True
+        torch.testing.assert_close(moe.expert_forward(x, ids, weights), want, atol=1e-5, rtol=1e-5)
+        moe.GROUPED_MM = False
         for pad in (10**9, -(10**9)):  # always batched, never batched
             moe.PAD_ROWS_PER_EXPERT = pad
             torch.testing.assert_close(moe.expert_forward(x, ids, weights), want, atol=1e-5, rtol=1e-5)
     finally:
-        del moe.PAD_ROWS_PER_EXPERT
+        del moe.PAD_ROWS_PER_EXPERT, moe.GROUPED_MM
     with pytest.raises(ValueError, match="expert ids must be in"):
         moe.expert_forward(x, torch.full_like(ids, ours.config.n_routed_experts), weights)
 

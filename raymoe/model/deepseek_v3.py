@@ -373,11 +373,22 @@ class MoE(nn.Module):
         self._stack = ExpertStack(modules, params, w13, w2, row, len(hosted) == self.n_routed_experts)
         return self._stack
 
+    # None: decide per call (see use_grouped_mm); tests force one path or the other
+    GROUPED_MM: bool | None = None
+
+    def use_grouped_mm(self, x: torch.Tensor) -> bool:
+        """torch's grouped GEMM on a single-threaded CPU: it beats the padded batched matmul there
+        (no padding FLOPs), while with more threads the batched matmul parallelises better."""
+        if self.GROUPED_MM is not None:
+            return self.GROUPED_MM
+        return hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and torch.get_num_threads() == 1
+
     def expert_forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the routed experts' outputs; assignments grouped per expert.
 
-        Small batches (decode) run all experts as two batched matmuls over per-expert padded rows;
-        large ones (prefill) one matmul pair per expert that has tokens. Experts not hosted here
+        Single-threaded CPU: two grouped GEMMs over the exact rows. Otherwise small batches
+        (decode) run all experts as two batched matmuls over per-expert padded rows, large ones
+        (prefill) one matmul pair per expert that has tokens. Experts not hosted here
         contribute nothing, so a caller can sum partial results across hosts.
         """
         t, k = ids.shape
@@ -400,9 +411,15 @@ class MoE(nn.Module):
         token, w = token[order], w[order].to(x.dtype)
         n_rows = st.w13.shape[0]
         counts = torch.bincount(rows, minlength=n_rows)
+        inter = self.moe_intermediate_size
+        if self.use_grouped_mm(x):
+            # exact rows, one grouped GEMM per projection: no padding FLOPs, no per-expert calls
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            h = torch._grouped_mm(x.index_select(0, token), st.w13.transpose(1, 2), offs=offs)
+            ys = torch._grouped_mm(F.silu(h[:, :inter]) * h[:, inter:], st.w2.transpose(1, 2), offs=offs)
+            return out.index_add_(0, token, ys * w.unsqueeze(1))
         counts_list = counts.tolist()
         width = max(counts_list)
-        inter = self.moe_intermediate_size
         active = sum(1 for c in counts_list if c)
         # the batched form reads every hosted expert's weights: worth it once most of them have tokens
         if 2 * active >= n_rows and n_rows * width - rows.numel() <= self.PAD_ROWS_PER_EXPERT * active:
