@@ -12,9 +12,9 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from raymoe.model.tiny import make_tiny
 
     kind = "fp8 (e4m3, 128x128 block scales)" if args.fp8 else "bf16"
-    print(f"raymoe: writing a tiny DeepSeek-V3-shaped {kind} checkpoint to {args.out_dir}", flush=True)
     path = make_tiny(args.out_dir, fp8=args.fp8, seed=args.seed)
-    print(f"raymoe: wrote {path}")
+    shards = len(list(path.glob("model-*.safetensors")))
+    print(f"raymoe: wrote a tiny DeepSeek-V3-shaped {kind} checkpoint (seed {args.seed}, {shards} shards) to {path}")
     return 0
 
 

@@ -73,7 +73,7 @@ def test_make_tiny_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = tmp_path / "ck"
     assert main(["make-tiny", str(out), "--fp8", "--seed", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("raymoe: writing a tiny DeepSeek-V3-shaped fp8") and str(out) in lines[-1]
+    assert len(lines) == 1 and lines[0].startswith("raymoe: wrote a tiny DeepSeek-V3-shaped fp8") and str(out) in lines[0]
     config = ModelConfig.from_checkpoint(out)
     assert config.quantization_config is not None
     model = load_checkpoint(out, progress=False)
