@@ -83,6 +83,7 @@ class UnitConfig(_Strict):
     )
     num_cpus: float = Field(0.1, ge=0, description="CPUs of the replica actor (the unit's driver)")
     node_resource: str | None = Field(None, description="custom resource pinning the replica to a node type")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads of a CPU engine; default: Ray's")
     engine: EngineSection = Field(default_factory=EngineSection)
 
     @property

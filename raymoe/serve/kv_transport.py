@@ -1,0 +1,64 @@
+"""Moving a prefilled request's latent KV from a prefill unit to a decode unit.
+
+One small interface: the prefill side `send`s a `KVHandoff` and gets a picklable `KVTicket`,
+which travels (through the ingress) to the decode side, which `receive`s the handoff. The ticket
+never carries the KV itself: with the object-store transport it holds an ObjectRef owned by the
+prefill replica, so the bytes go from the prefill node's object store straight to the decode
+node's. A GPU transport (NCCL, or NIXL through Ray's direct tensor transport) implements the
+same two calls.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import ray
+
+from raymoe.engine.llm_engine import KVHandoff
+
+
+@dataclass
+class KVTicket:
+    """What decode needs to fetch one handoff: where it is, how big, when it was sent."""
+
+    transport: str
+    request_id: str
+    nbytes: int
+    prompt_len: int
+    sent_at: float  # wall clock on the prefill side
+    ref: Any  # transport-specific locator (an ObjectRef for the object store)
+
+
+class KVTransport(Protocol):
+    name: str
+
+    def send(self, handoff: KVHandoff) -> KVTicket: ...
+
+    async def receive(self, ticket: KVTicket) -> KVHandoff: ...
+
+
+class ObjectStoreTransport:
+    """The portable path: `ray.put` on the prefill replica, `await ref` on the decode replica."""
+
+    name = "object_store"
+
+    def send(self, handoff: KVHandoff) -> KVTicket:
+        nbytes = handoff.kv.element_size() * handoff.kv.nelement()
+        ref = ray.put(handoff)
+        return KVTicket(self.name, handoff.request_id, nbytes, handoff.prompt_len, time.time(), ref)
+
+    async def receive(self, ticket: KVTicket) -> KVHandoff:
+        if ticket.transport != self.name:
+            raise ValueError(f"ticket for transport {ticket.transport!r} given to {self.name!r}")
+        handoff = await ticket.ref
+        if not isinstance(handoff, KVHandoff):
+            raise TypeError(f"KV ticket for {ticket.request_id!r} resolved to {type(handoff).__name__}")
+        return handoff
+
+
+def make_transport(name: str) -> KVTransport:
+    if name == "object_store":
+        return ObjectStoreTransport()
+    raise ValueError(f"kv_transport: unknown transport {name!r} (available: object_store)")

@@ -1,0 +1,283 @@
+"""The replicas: one Serve replica = one deployment unit driving one `LLMEngine`.
+
+The engine steps in a dedicated thread (one thread owns it: add, abort, step and export all
+run there, in order), while the replica's asyncio loop takes requests and hands each request's
+outputs to its queue. For a multi-GPU unit the engine gets the unit shape as
+`EngineConfig.parallel` and drives the expert-parallel runtime's workers; nothing here changes.
+
+- `PrefillServer.prefill`: runs the prompt, returns the first token and a KV ticket.
+- `DecodeServer.decode`: receives the KV, joins the decode batch, streams tokens.
+- `LLMServer.generate`: both in one unit (non-disaggregated mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from raymoe.engine.llm_engine import EngineConfig, KVHandoff, LLMEngine, RequestOutput
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.serve.config import ServeConfig, UnitConfig
+from raymoe.serve.kv_transport import KVTicket, make_transport
+from raymoe.serve.protocol import QueueFullError, RequestRejected
+
+
+@dataclass
+class TokenChunk:
+    """New tokens of one request (several engine steps' worth when the consumer lags)."""
+
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    text: str | None = None  # whole output text, on the finishing chunk
+
+
+@dataclass
+class PrefillResult:
+    first_token_id: int
+    finished: bool  # the first token already ended the request (stop / length)
+    finish_reason: str | None
+    text: str | None
+    prompt_len: int
+    ticket: KVTicket | None  # None when finished
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_tag
+    except Exception:
+        return "local"
+
+
+class EngineServer:
+    """Common part: the engine thread, the step loop, per-request queues, stats and gauges."""
+
+    role = "llm"
+
+    def __init__(self, config: dict[str, Any] | ServeConfig) -> None:
+        cfg = config if isinstance(config, ServeConfig) else ServeConfig.model_validate(config)
+        self.config = cfg
+        unit: UnitConfig = cfg.units()[self.role]
+        self.unit = unit
+        if unit.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(unit.torch_threads)
+        e = unit.engine
+        self.engine = LLMEngine(
+            EngineConfig(
+                model=cfg.model.resolved_path(),
+                dtype=cfg.model.dtype,
+                device=cfg.model.device,
+                max_model_len=cfg.model.max_model_len,
+                kv_cache_tokens=e.kv_cache_tokens,
+                gpu_memory_utilization=e.gpu_memory_utilization,
+                block_size=e.block_size,
+                max_num_seqs=e.max_num_seqs,
+                max_num_batched_tokens=e.max_num_batched_tokens,
+                enable_prefix_caching=e.enable_prefix_caching,
+                parallel=unit.parallel_spec(),
+            )
+        )
+        self.replica = _replica_id()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"raymoe-{self.role}-engine")
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._handoffs: dict[str, KVHandoff] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stats = self.engine.stats()
+        self._metrics: Any = None
+        self._last_publish = 0.0
+
+    # --- the engine thread ---------------------------------------------------------------------
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _step(self) -> list[RequestOutput]:
+        outs = self.engine.step()
+        for out in outs:
+            if out.finished and self.engine.requests.get(out.request_id) is not None:
+                # a finished prefill_only request keeps its blocks: export them now, or free them
+                if out.finish_reason == "prefill":
+                    self._handoffs[out.request_id] = self.engine.export_kv(out.request_id)
+                else:
+                    self.engine.abort_request(out.request_id)
+        self._stats = self.engine.stats()
+        return outs
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self.engine.has_unfinished_requests():
+                self._publish(force=True)
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.config.metrics_interval_s)
+                continue
+            outs = await self._call(self._step)
+            for out in outs:
+                q = self._queues.get(out.request_id)
+                if q is not None:
+                    q.put_nowait(out)
+            if not outs and not self.engine.last_step_ran:
+                await asyncio.sleep(0.002)  # nothing could be scheduled (cache full): let aborts land
+            self._publish()
+
+    def metrics(self) -> Any:
+        if self._metrics is None:
+            from raymoe.serve.metrics import ReplicaMetrics
+
+            self._metrics = ReplicaMetrics(self.role, self.replica)
+        return self._metrics
+
+    def _publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_publish < self.config.metrics_interval_s:
+            return
+        self._last_publish = now
+        s = self._stats
+        self.metrics().engine(s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_free)
+
+    # --- requests --------------------------------------------------------------------------------
+    def _admit(self, request_id: str) -> asyncio.Queue[RequestOutput]:
+        self._ensure_loop()
+        if self._stats.waiting >= self.unit.max_waiting_requests:
+            raise QueueFullError(
+                f"{self.role} replica {self.replica}: {self._stats.waiting} requests waiting "
+                f"(max_waiting_requests={self.unit.max_waiting_requests})"
+            )
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[request_id] = q
+        return q
+
+    async def _add(self, fn: Callable[..., Any], request_id: str, *args: Any) -> None:
+        try:
+            await self._call(fn, request_id, *args)
+        except ValueError as exc:
+            self._queues.pop(request_id, None)
+            raise RequestRejected(str(exc)) from None
+        assert self._wake is not None
+        self._wake.set()
+
+    def _abort_soon(self, request_id: str) -> None:
+        """Abort on the engine thread without awaiting (safe from a cancelled task's cleanup)."""
+        self._queues.pop(request_id, None)
+        self._handoffs.pop(request_id, None)
+        self._thread.submit(self.engine.abort_request, request_id)
+
+    async def _stream(self, request_id: str, q: asyncio.Queue[RequestOutput]) -> AsyncIterator[TokenChunk]:
+        finished = False
+        try:
+            while not finished:
+                outs = [await q.get()]
+                while not q.empty():
+                    outs.append(q.get_nowait())
+                ids = [t for o in outs for t in o.new_token_ids]
+                last = outs[-1]
+                finished = last.finished
+                yield TokenChunk(ids, finished, last.finish_reason, last.text)
+        finally:
+            if finished:
+                self._queues.pop(request_id, None)
+            else:
+                self._abort_soon(request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        self._queues.pop(request_id, None)
+        return bool(await self._call(self.engine.abort_request, request_id))
+
+    async def stats(self) -> dict[str, Any]:
+        s = await self._call(self.engine.stats)
+        return {"role": self.role, "replica": self.replica, "in_flight": len(self._queues), **asdict(s)}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Read by raymoe.serve.routing.EngineLoadRouter (Serve polls it periodically)."""
+        s = self._stats
+        return {
+            "kv_blocks_free": s.kv_blocks_free,
+            "kv_blocks_total": s.kv_blocks_total,
+            "waiting": s.waiting,
+            "running": s.running,
+        }
+
+    async def check_health(self) -> None:
+        if self._loop_task is not None and self._loop_task.done() and not self._loop_task.cancelled():
+            exc = self._loop_task.exception()
+            if exc is not None:
+                raise RuntimeError(f"{self.role} engine loop died: {exc!r}")
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+class PrefillServer(EngineServer):
+    role = "prefill"
+
+    def __init__(self, config: dict[str, Any] | ServeConfig) -> None:
+        super().__init__(config)
+        self.transport = make_transport(self.config.kv_transport)
+
+    def _add_prefill_only(self, request_id: str, prompt: list[int], params: SamplingParams) -> int:
+        return self.engine.add_request(request_id, prompt, params, prefill_only=True)
+
+    async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams) -> PrefillResult:
+        q = self._admit(request_id)
+        await self._add(self._add_prefill_only, request_id, prompt, params)
+        try:
+            out = await q.get()
+        except BaseException:
+            self._abort_soon(request_id)
+            raise
+        self._queues.pop(request_id, None)
+        handoff = self._handoffs.pop(request_id, None)
+        token = out.new_token_ids[0]
+        if out.finish_reason == "prefill":
+            assert handoff is not None
+            ticket = self.transport.send(handoff)
+            return PrefillResult(token, False, None, None, out.prompt_len, ticket)
+        return PrefillResult(token, True, out.finish_reason, out.text, out.prompt_len, None)
+
+
+class DecodeServer(EngineServer):
+    role = "decode"
+
+    def __init__(self, config: dict[str, Any] | ServeConfig) -> None:
+        super().__init__(config)
+        self.transport = make_transport(self.config.kv_transport)
+
+    async def decode(self, request_id: str, ticket: KVTicket, params: SamplingParams) -> AsyncIterator[TokenChunk]:
+        q = self._admit(request_id)
+        try:
+            handoff = await self.transport.receive(ticket)
+        except BaseException:
+            self._queues.pop(request_id, None)
+            raise
+        self.metrics().handoff(ticket.nbytes, time.time() - ticket.sent_at)
+        await self._add(self.engine.add_request_with_kv, request_id, handoff, params)
+        async for chunk in self._stream(request_id, q):
+            yield chunk
+
+
+class LLMServer(EngineServer):
+    """Prefill and decode in one unit: the non-disaggregated mode."""
+
+    role = "llm"
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
+        q = self._admit(request_id)
+        await self._add(self.engine.add_request, request_id, prompt, params)
+        async for chunk in self._stream(request_id, q):
+            yield chunk
