@@ -6,6 +6,7 @@ by raymoe's loader, so names, layouts and the math are all checked at once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,15 @@ from raymoe.model.deepseek_v3 import Transformer
 from raymoe.model.weights import load_checkpoint
 
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """Small CPU ops run best on one thread, and a second one stalls when the box is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 YARN = {
     "rope_type": "yarn",
