@@ -40,7 +40,8 @@ YARN = {
 }
 
 # grouped: DeepSeek-V3's structure (group-limited routing, q LoRA, YaRN, interleaved rope)
-# flat: one group, no q LoRA (q_proj), plain rope, half-split rope layout, unnormalised top-k weights
+# flat: one group, no q LoRA (q_proj), plain rope, half-split rope layout, unnormalised top-k weights,
+#       odd head and latent widths
 CONFIGS: dict[str, dict[str, Any]] = {
     "grouped": dict(
         n_routed_experts=16,
@@ -64,6 +65,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
         max_position_embeddings=512,
         norm_topk_prob=False,
         routed_scaling_factor=1.5,
+        kv_lora_rank=31,  # odd widths: rope pairs sit at odd offsets
+        qk_nope_head_dim=15,
+        v_head_dim=12,
     ),
 }
 COMMON = dict(
@@ -87,7 +91,7 @@ def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = DeepseekV3Config(**COMMON, **CONFIGS[request.param])
+    cfg = DeepseekV3Config(**{**COMMON, **CONFIGS[request.param]})
     hf = DeepseekV3ForCausalLM(cfg).eval()
     with torch.no_grad():  # weights large enough that every path matters
         for name, p in hf.named_parameters():
@@ -231,7 +235,7 @@ def test_save_pretrained_layout_has_no_index(tmp_path: Path) -> None:
     """A single model.safetensors (no index) loads too: the layout transformers writes for small models."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**COMMON, **CONFIGS["flat"]))
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**{**COMMON, **CONFIGS["flat"]}))
     hf.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "model.safetensors.index.json").exists()
     model = load_checkpoint(tmp_path, progress=False, dtype="bfloat16")

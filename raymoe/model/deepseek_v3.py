@@ -110,7 +110,7 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor, interleave: bool) -> to
         pairs = xf.reshape(*shape[:-1], -1, 2)
     else:
         pairs = xf.reshape(*shape[:-1], 2, -1).transpose(-1, -2)
-    if pairs.stride(-1) != 1 or any(st % 2 for st in pairs.stride()[:-1]):
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
         pairs = pairs.contiguous()
     out = torch.view_as_real(torch.view_as_complex(pairs) * freqs_cis).flatten(-2)
     return out.to(x.dtype)
