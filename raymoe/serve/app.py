@@ -203,8 +203,16 @@ class OpenAIIngress:
             raise err from None
 
     async def _run(
-        self, endpoint: str, rid: str, prompt: list[int], params: SamplingParams, stream: bool, chat: bool, include_usage: bool
+        self,
+        endpoint: str,
+        rid: str,
+        prompt: list[int],
+        params: SamplingParams,
+        req: Any,
+        chat: bool,
     ) -> Response:
+        stream, want_ids = req.stream, req.return_token_ids
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         t0 = time.perf_counter()
         events = self._events(rid, prompt, params)
         try:
@@ -246,9 +254,11 @@ class OpenAIIngress:
 
         if not stream:
             parts: list[str] = []
+            ids: list[int] = []
             try:
-                async for text, _ in chunks():
+                async for text, chunk in chunks():
                     parts.append(text)
+                    ids.extend(chunk.token_ids)
             except APIError as e:
                 state["status"] = str(e.status)
                 return _error(e)
@@ -260,7 +270,11 @@ class OpenAIIngress:
                 record()
             use = usage(len(prompt), state["n"])
             build = chat_body if chat else completion_body
-            return JSONResponse(build(rid, self.model_name, "".join(parts), state["reason"], use, created))
+            out = build(rid, self.model_name, "".join(parts), state["reason"], use, created)
+            if want_ids:
+                out["choices"][0]["token_ids"] = ids
+                out["prompt_token_ids"] = prompt
+            return JSONResponse(out)
 
         async def body() -> AsyncIterator[str]:
             try:
@@ -268,12 +282,15 @@ class OpenAIIngress:
                     yield sse(chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}, None, created))
                 async for text, chunk in chunks():
                     reason = state["reason"] if chunk.finished else None
-                    if not text and reason is None:
+                    if not text and reason is None and not want_ids:
                         continue
                     if chat:
-                        yield sse(chat_chunk(rid, self.model_name, {"content": text} if text else {}, reason, created))
+                        obj = chat_chunk(rid, self.model_name, {"content": text} if text else {}, reason, created)
                     else:
-                        yield sse(completion_chunk(rid, self.model_name, text, reason, created))
+                        obj = completion_chunk(rid, self.model_name, text, reason, created)
+                    if want_ids:
+                        obj["choices"][0]["token_ids"] = chunk.token_ids
+                    yield sse(obj)
                 if include_usage:
                     obj = "chat.completion.chunk" if chat else "text_completion"
                     yield sse(usage_chunk(rid, self.model_name, obj, usage(len(prompt), state["n"]), created))
@@ -301,8 +318,7 @@ class OpenAIIngress:
             params = req.sampling_params(self._max_tokens(req.max_tokens, 16, len(prompt)))
         except APIError as e:
             return _error(e)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self._run("completions", new_id("cmpl"), prompt, params, req.stream, False, include_usage)
+        return await self._run("completions", new_id("cmpl"), prompt, params, req, False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -321,8 +337,7 @@ class OpenAIIngress:
             params = req.sampling_params(self._max_tokens(requested, None, len(prompt)))
         except APIError as e:
             return _error(e)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self._run("chat", new_id("chatcmpl"), prompt, params, req.stream, True, include_usage)
+        return await self._run("chat", new_id("chatcmpl"), prompt, params, req, True)
 
     @api.get("/v1/models")
     async def models(self) -> Response:

@@ -136,7 +136,7 @@ class UnitConfig(_Strict):
             out.append(
                 f"{label}.shared_expert_gpus: {self.shared_expert_gpus} of {self.num_gpus} GPUs leaves none for routed experts"
             )
-        if num_routed_experts is not None:
+        if num_routed_experts is not None and self.shared_expert_gpus < self.num_gpus:
             slots = num_routed_experts + self.redundant_experts
             if self.shared_expert_gpus:
                 # DeepSeek's decode: one routed expert per GPU, the shared-expert GPUs also take the redundant copies

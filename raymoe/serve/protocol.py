@@ -74,6 +74,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=0, le=0, description="penalties are not implemented")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="penalties are not implemented")
     user: str | None = None
+    return_token_ids: bool = Field(False, description="vLLM's extension: choices[].token_ids in the response")
 
     @field_validator("stop")
     @classmethod

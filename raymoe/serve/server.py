@@ -153,9 +153,14 @@ class EngineServer:
     # --- requests --------------------------------------------------------------------------------
     def _admit(self, request_id: str) -> asyncio.Queue[RequestOutput]:
         self._ensure_loop()
-        if self._stats.waiting >= self.unit.max_waiting_requests:
+        # in flight beyond what the engine can run at once is waiting; counted here, not from the
+        # last step's stats, so a burst between two steps is bounded too
+        running_capacity = self.unit.engine.max_num_seqs * self.engine.dp_size
+        waiting = len(self._queues) - running_capacity
+        if waiting >= self.unit.max_waiting_requests:
             raise QueueFullError(
-                f"{self.role} replica {self.replica}: {self._stats.waiting} requests waiting "
+                f"{self.role} replica {self.replica}: {len(self._queues)} requests in flight, "
+                f"{waiting} beyond max_num_seqs x dp ({running_capacity}) "
                 f"(max_waiting_requests={self.unit.max_waiting_requests})"
             )
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
