@@ -119,9 +119,14 @@ def _block_size(config: ModelConfig) -> tuple[int, int]:
 
 
 def read_tensor(
-    reader: CheckpointReader, name: str, expected_shape: tuple[int, ...], block: tuple[int, int]
+    reader: CheckpointReader,
+    name: str,
+    expected_shape: tuple[int, ...],
+    block: tuple[int, int],
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """One checkpoint tensor, checked and dequantised (float32 if it was FP8, its own dtype otherwise)."""
+    """One checkpoint tensor on `device`, checked and dequantised there (float32 if it was FP8, its
+    own dtype otherwise): FP8 bytes cross to an accelerator, not their float32 expansion."""
     if name not in reader:
         raise ValueError(f"{reader.path}: checkpoint is missing tensor {name!r}")
     dtype, shape = reader.dtype_and_shape(name)
@@ -129,7 +134,7 @@ def read_tensor(
         raise ValueError(f"{reader.path}: tensor {name!r} has unsupported dtype {dtype} (expected one of {list(_DTYPES)})")
     if tuple(shape) != tuple(expected_shape):
         raise ValueError(f"{reader.path}: tensor {name!r} has shape {tuple(shape)}, expected {tuple(expected_shape)}")
-    t = reader.get(name)
+    t = reader.get(name).to(device)
     if _DTYPES[dtype] == torch.float8_e4m3fn:
         scale_name = name + SCALE_SUFFIX
         if scale_name not in reader:
@@ -140,7 +145,7 @@ def read_tensor(
             raise ValueError(f"{reader.path}: tensor {scale_name!r} has shape {tuple(sshape)}, expected {want}")
         if sdtype not in _DTYPES or _DTYPES[sdtype] == torch.float8_e4m3fn:
             raise ValueError(f"{reader.path}: tensor {scale_name!r} has unsupported dtype {sdtype}")
-        t = dequantize_fp8_block(t, reader.get(scale_name), block)
+        t = dequantize_fp8_block(t, reader.get(scale_name).to(device), block)
     return t
 
 
@@ -209,7 +214,7 @@ def load_checkpoint(
         with torch.no_grad():
             for name in tqdm(order, desc=f"loading {path.name}", unit="tensor", disable=not progress, leave=False):
                 target = targets[names[name]]
-                value = read_tensor(reader, name, tuple(target.shape), block)
+                value = read_tensor(reader, name, tuple(target.shape), block, device=target.device)
                 target.copy_(value.to(device=device, dtype=target.dtype))
     finally:
         reader.close()
