@@ -27,6 +27,8 @@ from raymoe import LLM, SamplingParams
 from raymoe.model.config import ModelConfig
 
 SECTION = "## Engine vs transformers"
+BEGIN = "<!-- bench_engine.py: begin -->"
+END = "<!-- bench_engine.py: end -->"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 
 
@@ -80,6 +82,20 @@ def cache_bytes(cache: Any) -> int:
         for t in layer:
             total += t.numel() * t.element_size()
     return total
+
+
+def write_section(table: str) -> None:
+    """Replace the figures between this script's markers in its own section (prose around them is kept)."""
+    text = DOCS.read_text()
+    if BEGIN in text and END in text:
+        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+        DOCS.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+        return
+    start = text.index(SECTION) + len(SECTION)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt + 1
+    block = f"\n\n{BEGIN}\n{table}\n{END}\n" + ("\n" if nxt >= 0 else "")
+    DOCS.write_text(text[:start] + block + text[end:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,11 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        text = DOCS.read_text()
-        start = text.index(SECTION) + len(SECTION)
-        nxt = text.find("\n## ", start)
-        end = len(text) if nxt < 0 else nxt + 1
-        DOCS.write_text(text[:start] + "\n\n" + table + "\n" + ("\n" if nxt >= 0 else "") + text[end:])
+        write_section(table)
         print(f"raymoe: wrote {DOCS}")
     return 0
 
