@@ -385,3 +385,31 @@ def test_chat_renders_the_template(tiny: Path) -> None:
     assert out.prompt_token_ids == llm.tokenizer.encode(rendered)
     assert out.token_ids == generate(llm, [out.prompt_token_ids], params)[0]
     assert len(llm.chat([messages, messages], params, use_tqdm=False)) == 2
+
+
+def test_parallel_config_builds_the_executor_through_the_runtime(
+    tiny: Path, one_by_one: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EngineConfig.parallel hands executor construction to raymoe.parallel.executor.build_executor."""
+    import sys
+    import types
+
+    from raymoe.engine.model_runner import DataParallelRunner
+    from raymoe.model.weights import load_checkpoint
+
+    seen: list[EngineConfig] = []
+
+    def build_executor(config: EngineConfig) -> DataParallelRunner:
+        seen.append(config)
+        model = load_checkpoint(config.model, dtype=config.dtype, progress=False)
+        return DataParallelRunner(model, dp_size=3, num_kv_blocks=40, block_size=config.block_size)
+
+    fake = types.ModuleType("raymoe.parallel.executor")
+    fake.build_executor = build_executor  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "raymoe.parallel.executor", fake)
+    spec = {"attention_dp": 3}
+    llm = LLM(tiny, block_size=8, parallel=spec)
+    assert len(seen) == 1 and seen[0].parallel == spec and seen[0].block_size == 8
+    assert llm.engine.dp_size == 3 and llm.engine.stats().kv_blocks_total == 120
+    assert generate(llm, PROMPTS) == one_by_one
+    assert_all_free(llm)
