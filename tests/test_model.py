@@ -113,7 +113,14 @@ def hf_logits(hf: Any, ids: list[int]) -> torch.Tensor:
 PROMPTS = [[5, 17, 99, 3, 42, 8, 77], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [64, 100]]
 
 
-def test_prompt_logits_match_transformers(reference: tuple[Any, Transformer]) -> None:
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+def test_prompt_logits_match_transformers(
+    reference: tuple[Any, Transformer], attention: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from raymoe.model.deepseek_v3 import MLA
+
+    if attention == "sdpa":  # the path long prompts take
+        monkeypatch.setattr(MLA, "PREFILL_SCORES_MAX", 0)
     hf, ours = reference
     ids = torch.tensor([t for p in PROMPTS for t in p])
     positions = torch.cat([torch.arange(len(p)) for p in PROMPTS])

@@ -123,6 +123,7 @@ class AttentionPlan:
     p_gather: torch.Tensor | None = None
     p_mask: torch.Tensor | None = None
     _bias_cache: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+    _prefill_bias_cache: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def decode_bias(self, dtype: torch.dtype) -> torch.Tensor:
         assert self.d_bias is not None
@@ -130,6 +131,16 @@ class AttentionPlan:
         if b is None:
             b = self.d_bias.to(dtype)
             self._bias_cache[dtype] = b
+        return b
+
+    def prefill_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """p_mask as an additive [Sp, 1, Qp, Lp] mask (0 / -inf), built once per step and dtype."""
+        assert self.p_mask is not None
+        b = self._prefill_bias_cache.get(dtype)
+        if b is None:
+            b = torch.zeros(self.p_mask.shape, dtype=dtype, device=self.p_mask.device)
+            b.masked_fill_(~self.p_mask, float("-inf"))
+            self._prefill_bias_cache[dtype] = b
         return b
 
     def gather(self, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

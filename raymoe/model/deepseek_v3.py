@@ -128,6 +128,10 @@ class ForwardContext:
 class MLA(nn.Module):
     """Multi-head latent attention. Decode: absorbed form over the latent cache; prefill: expanded form."""
 
+    # prefill attention materialises its scores up to this many elements (64 MiB in float32),
+    # beyond that SDPA's memory-bounded kernel takes over
+    PREFILL_SCORES_MAX = 16 << 20
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -226,9 +230,14 @@ class MLA(nn.Module):
         k = torch.cat((kvb[..., :dn], kv[..., r:].unsqueeze(2).expand(sp, lp, h, dr)), dim=-1)
         v = kvb[..., dn:]
         q = torch.cat((q_nope, q_pe), dim=-1)[plan.p_tokens]  # [Sp, Qp, H, dqk]
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.p_mask, scale=self.softmax_scale
-        )  # [Sp, H, Qp, dv]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if sp * h * qp * lp <= self.PREFILL_SCORES_MAX:
+            # small enough to hold all scores: plain matmuls beat SDPA's masked CPU path
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.softmax_scale).add_(plan.prefill_bias(q.dtype))
+            o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.p_mask, scale=self.softmax_scale)
+        # o: [Sp, H, Qp, dv]
         o = o.transpose(1, 2).reshape(sp * qp, h * dv)
         if sp == 1 and qp == out.shape[0]:
             out.copy_(o)
