@@ -83,3 +83,11 @@ def test_waiting_request_waits_for_blocks() -> None:
     bm.free_sequence(a)
     batch = sched.schedule()
     assert batch is not None and batch.seqs == [b] and sched.has_work()
+
+
+def test_running_sequences_never_exceed_the_token_budget() -> None:
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=3)
+    for i in range(5):
+        sched.add(seq(str(i), 1, start=10 * i))
+    batch = sched.schedule()
+    assert batch is not None and len(batch.seqs) == 3 and len(sched.running) == 3
