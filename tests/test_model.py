@@ -315,3 +315,14 @@ def test_expert_weight_updates_are_seen(reference: tuple[Any, Transformer]) -> N
     finally:
         moe.experts[0] = old
     torch.testing.assert_close(moe.expert_forward(x, ids, weights), before)
+
+
+def test_empty_batch_through_moe(reference: tuple[Any, Transformer]) -> None:
+    """Expert-parallel ranks with no tokens still run the MoE steps (they join every collective)."""
+    _, ours = reference
+    moe = ours.layers[ours.config.first_k_dense_replace].mlp
+    x = torch.zeros(0, ours.config.hidden_size)
+    ids, weights = moe.route(x)
+    assert ids.shape == (0, ours.config.num_experts_per_tok) and ids.dtype == torch.int64
+    assert moe.expert_forward(x, ids, weights).shape == (0, ours.config.hidden_size)
+    assert moe(x).shape == ours.layers[0].mlp(x).shape == (0, ours.config.hidden_size)

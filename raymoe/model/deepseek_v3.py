@@ -282,11 +282,11 @@ class Gate(nn.Module):
         choice = scores + self.e_score_correction_bias.float()
         if self.topk_group < self.n_group:
             t = x.shape[0]
-            grouped = choice.view(t, self.n_group, -1)
+            grouped = choice.view(t, self.n_group, self.n_experts // self.n_group)
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
             keep = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
             drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(t, -1)
+            choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(t, self.n_experts)
         ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, ids)
         if self.norm_topk_prob:
