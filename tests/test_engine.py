@@ -303,6 +303,8 @@ def test_text_prompt_without_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
     assert llm.tokenizer is None
     with pytest.raises(ValueError, match="no tokenizer.json; pass token ids"):
         llm.generate("hello", use_tqdm=False)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        llm.generate([[5, 6, 7]], SamplingParams(stop=["x"]), use_tqdm=False)
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
     assert out.text is None and len(out.token_ids) == 3
 

@@ -204,6 +204,13 @@ class LLMEngine:
                 f"of KV cache, but the cache holds {bm.num_blocks * bm.block_size} (kv_cache_tokens)"
             )
 
+    def _check_stop_strings(self, request_id: str, params: SamplingParams) -> None:
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError(
+                f"request {request_id!r}: stop strings need a tokenizer, {self.config.model} has no tokenizer.json "
+                "(use stop_token_ids)"
+            )
+
     def _choose_rank(self) -> int:
         """DeepSeek's decode balancer: most free KV (net of waiting requests' needs), then fewest requests."""
         if self.dp_size == 1:
@@ -239,8 +246,7 @@ class LLMEngine:
             prefill_only=prefill_only,
         )
         self._check_fits(request_id, seq)
-        if params.stop_strings:
-            seq.output_text = ""
+        self._check_stop_strings(request_id, params)
         seq.dp_rank = self._choose_rank()
         self.schedulers[seq.dp_rank].add(seq)
         self.requests[request_id] = seq
@@ -256,7 +262,9 @@ class LLMEngine:
         ids = self._tokenize(request_id, handoff.prompt_token_ids)
         mc = self.model_config
         if not 0 <= handoff.first_token_id < mc.vocab_size:
-            raise ValueError(f"request {request_id!r}: handoff first_token_id must be in [0, {mc.vocab_size})")
+            raise ValueError(
+                f"request {request_id!r}: handoff first_token_id must be in [0, {mc.vocab_size})"
+            )
         want = (mc.num_hidden_layers, len(ids), mc.kv_cache_dim)
         if tuple(handoff.kv.shape) != want:
             raise ValueError(
@@ -266,8 +274,7 @@ class LLMEngine:
             request_id, ids, params, arrival=next(self._arrivals), max_model_len=self.max_model_len
         )
         self._check_fits(request_id, seq)
-        if params.stop_strings:
-            seq.output_text = ""
+        self._check_stop_strings(request_id, params)
         seq.num_emitted = 1  # the prefill unit reported the first token
         self.requests[request_id] = seq
         seq.dp_rank = self._choose_rank()
@@ -399,15 +406,21 @@ class LLMEngine:
         return seq.finish_reason is not None
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
-        assert self.tokenizer is not None and seq.output_text is not None
-        old = len(seq.output_text)
-        text = self.tokenizer.decode(seq.output_token_ids)
-        seq.output_text = text
-        longest = max(len(s) for s in seq.params.stop_strings)
-        start = max(0, old - longest + 1)
-        cut = min((i for i in (text.find(s, start) for s in seq.params.stop_strings) if i >= 0), default=-1)
-        if cut < 0:
+        """Whether the newest token completed a stop string; then output_text is the text before it.
+
+        Only a window of the latest tokens is decoded per step (a match ending at the newest token
+        spans at most that many), so the check costs O(stop length), not O(output length).
+        """
+        assert self.tokenizer is not None
+        stops = seq.params.stop_strings
+        longest = max(len(x) for x in stops)
+        window = self.tokenizer.decode(
+            seq.token_ids[max(seq.num_prompt_tokens, len(seq.token_ids) - longest - 8) :]
+        )
+        if not any(x in window for x in stops):
             return False
+        text = self.tokenizer.decode(seq.output_token_ids)
+        cut = min((i for i in (text.find(x) for x in stops) if i >= 0), default=len(text))
         seq.output_text = text[:cut]
         seq.stop_string_hit = True
         return True
