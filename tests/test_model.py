@@ -326,3 +326,16 @@ def test_empty_batch_through_moe(reference: tuple[Any, Transformer]) -> None:
     assert ids.shape == (0, ours.config.num_experts_per_tok) and ids.dtype == torch.int64
     assert moe.expert_forward(x, ids, weights).shape == (0, ours.config.hidden_size)
     assert moe(x).shape == ours.layers[0].mlp(x).shape == (0, ours.config.hidden_size)
+
+
+def test_empty_step(reference: tuple[Any, Transformer]) -> None:
+    """A step with no tokens (an idle data-parallel rank) runs, with and without a cache."""
+    _, ours = reference
+    none = torch.zeros(0, dtype=torch.long)
+    cache = torch.zeros(ours.kv_cache_shape(2, 4))
+    for md, kv in ((AttentionMetadata.contiguous([]), None), (AttentionMetadata.paged([], [], [], 4), cache)):
+        with torch.no_grad():
+            hidden = ours(none, none, md, kv)
+        assert hidden.shape == (0, ours.config.hidden_size)
+        assert ours.compute_logits(hidden).shape == (0, ours.config.vocab_size)
+    assert not cache.any()

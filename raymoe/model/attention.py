@@ -42,8 +42,8 @@ class AttentionMetadata:
     @classmethod
     def contiguous(cls, seq_lens: list[int], device: torch.device | str | None = None) -> AttentionMetadata:
         """Cache-free prefill of whole sequences (use with kv_cache=None)."""
-        if not seq_lens or min(seq_lens) < 1:
-            raise ValueError(f"seq_lens must be non-empty and positive, got {seq_lens}")
+        if seq_lens and min(seq_lens) < 1:
+            raise ValueError(f"seq_lens must be positive, got {seq_lens}")
         lens = torch.tensor(seq_lens, dtype=torch.long, device=device)
         qsl = torch.zeros(len(seq_lens) + 1, dtype=torch.long, device=device)
         qsl[1:] = torch.cumsum(lens, 0)
@@ -69,7 +69,7 @@ class AttentionMetadata:
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {c} tokens")
             for pos in range(c - q, c):
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
-        width = max(len(t) for t in block_tables)
+        width = max((len(t) for t in block_tables), default=0)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
         qsl = [0]
         for q in query_lens:

@@ -104,12 +104,12 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor, interleave: bool) -> to
     The result lists the rotated pairs interleaved whatever the input layout; queries and keys
     share it, so their dot products are those of the reference.
     """
-    shape = x.shape
+    *lead, d = x.shape
     xf = x.float()
     if interleave:
-        pairs = xf.reshape(*shape[:-1], -1, 2)
+        pairs = xf.reshape(*lead, d // 2, 2)
     else:
-        pairs = xf.reshape(*shape[:-1], 2, -1).transpose(-1, -2)
+        pairs = xf.reshape(*lead, 2, d // 2).transpose(-1, -2)
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
         pairs = pairs.contiguous()
     out = torch.view_as_real(torch.view_as_complex(pairs) * freqs_cis).flatten(-2)
@@ -180,7 +180,9 @@ class MLA(nn.Module):
             assert ctx.slot_mapping is not None
             source.index_copy_(0, ctx.slot_mapping, latent.to(source.dtype))
         plan = ctx.plan
-        if plan.all_decode:
+        if T == 0:  # an idle rank's empty step
+            out = x.new_zeros(0, h * self.v_head_dim)
+        elif plan.all_decode:
             out = self._decode(q_nope, q_pe, source, plan)
         else:
             out = x.new_empty(T, h * self.v_head_dim)
