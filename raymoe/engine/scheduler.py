@@ -39,6 +39,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._pending_blocks = 0
 
     @property
     def num_requests(self) -> int:
@@ -48,13 +49,16 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def pending_blocks(self) -> int:
-        """Blocks the waiting sequences will take on admission (for the DP load balancer)."""
-        bm = self.block_manager
-        return sum(bm.blocks_for(len(s.token_ids)) for s in self.waiting)
+        """Blocks the waiting sequences will take on admission (for the DP load balancer), kept incrementally."""
+        return self._pending_blocks
+
+    def _waiting_blocks(self, seq: Sequence) -> int:
+        return self.block_manager.blocks_for(len(seq.token_ids))
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        self._pending_blocks += self._waiting_blocks(seq)
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the queues (finished or aborted); its blocks are the caller's business."""
@@ -62,6 +66,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+            self._pending_blocks -= self._waiting_blocks(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -69,6 +74,7 @@ class Scheduler:
         seq.num_cached_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+        self._pending_blocks += self._waiting_blocks(seq)
         self.num_preemptions += 1
 
     def schedule(self) -> ScheduledBatch | None:
@@ -114,6 +120,7 @@ class Scheduler:
                 ok = bm.ensure_slots(seq, cached + n)
                 assert ok, "can_admit promised the blocks"
             self.waiting.popleft()
+            self._pending_blocks -= self._waiting_blocks(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             seqs.append(seq)
