@@ -62,6 +62,7 @@ def test_full_cache_preempts_the_latest_and_it_comes_back() -> None:
     assert batch is not None and batch.seqs == [a] and b.status is SequenceStatus.WAITING
     assert sched.num_preemptions == 1 and b.block_table == [] and b.num_computed_tokens == 0
     assert list(sched.waiting) == [b] and len(b.token_ids) == 8  # its sampled token is kept and recomputed
+    assert sched.pending_blocks() == 2  # what b takes back on admission (the DP balancer's view)
     finish_step(sched, batch)
     sched.remove(a)
     bm.free_sequence(a)
@@ -69,6 +70,7 @@ def test_full_cache_preempts_the_latest_and_it_comes_back() -> None:
     assert (
         batch is not None and batch.seqs == [b] and b.num_cached_tokens == 4 and batch.num_new_tokens == [4]
     )
+    assert sched.pending_blocks() == 0
 
 
 def test_waiting_request_waits_for_blocks() -> None:
