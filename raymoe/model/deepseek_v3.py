@@ -104,6 +104,8 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor, interleave: bool) -> to
     The result lists the rotated pairs interleaved whatever the input layout; queries and keys
     share it, so their dot products are those of the reference.
     """
+    if x.numel() == 0:
+        return x.new_empty(x.shape)
     *lead, d = x.shape
     xf = x.float()
     if interleave:
