@@ -58,10 +58,6 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    @property
-    def shards(self) -> list[str]:
-        return sorted(set(self.weight_map.values()))
-
     def _handle(self, name: str) -> Any:
         shard = self.weight_map[name]
         h = self._handles.get(shard)
