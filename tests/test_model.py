@@ -339,3 +339,19 @@ def test_empty_step(reference: tuple[Any, Transformer]) -> None:
         assert hidden.shape == (0, ours.config.hidden_size)
         assert ours.compute_logits(hidden).shape == (0, ours.config.vocab_size)
     assert not cache.any()
+
+
+def test_decode_groups_by_context_length(reference: tuple[Any, Transformer]) -> None:
+    """Very different context lengths decode in separate groups, with the same logits."""
+    from raymoe.model.attention import AttentionPlan
+
+    hf, ours = reference
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (2, 5, 11, 23, 24)]
+    md = AttentionMetadata.paged([1] * 5, [len(p) for p in prompts], [[1]] * 5, 32)
+    assert [len(x.tokens) for x in md.plan(32).d_groups] == [1, 1, 1, 2]  # 2 | 5 | 11 | 23, 24 (capped at 4)
+    assert AttentionPlan._decode_groups([0, 1], [7, 12]) == [[0, 1]]
+    # prefill all but the last token, then one decode step for everyone
+    got = run_paged(ours, prompts, [[len(p) - 1 for p in prompts], [1] * 5])
+    for p, logits in zip(prompts, got, strict=True):
+        torch.testing.assert_close(logits[-1], hf_logits(hf, p)[-1], atol=1e-4, rtol=0)

@@ -94,44 +94,57 @@ class AttentionMetadata:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode sequences attended together: keys gathered up to the group's longest context.
+
+    tokens [S] flat token index (None: every token of the step, in order), gather (see
+    AttentionPlan), bias [S, 1, L] additive mask (0 or -inf, float32) hiding keys past each context.
+    """
+
+    tokens: torch.Tensor | None
+    gather: torch.Tensor
+    bias: torch.Tensor
+    _bias_cache: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def bias_as(self, dtype: torch.dtype) -> torch.Tensor:
+        b = self._bias_cache.get(dtype)
+        if b is None:
+            b = self.bias.to(dtype)
+            self._bias_cache[dtype] = b
+        return b
+
+
+@dataclass
 class AttentionPlan:
     """Per-step index tensors shared by all layers.
 
-    With a cache, `*_gather` are block ids [S, nblk] into the layer's cache viewed as
+    With a cache, `gather` indices are block ids [S, nblk] into the layer's cache viewed as
     [num_blocks, block_size, D] (whole blocks are copied: one index per block, not per token), and
     key length L = nblk * block_size; without a cache they are row ids [S, L] into the new tokens'
     latents [T, D]. Keys past a sequence's context are masked.
 
-    Decode part (sequences with one new token, absorbed MLA):
-      d_tokens [Sd] flat token index (None when every sequence decodes), d_gather, d_bias [Sd, 1, Ld]
-      additive mask (0 or -inf, float32).
+    Decode part (sequences with one new token, absorbed MLA): `d_groups`, sequences grouped by
+    context length (within a factor DECODE_GROUP_RATIO of each other) so a few long contexts do
+    not make every short one gather and attend over their length.
     Prefill part (sequences with several new tokens, expanded MLA):
       p_tokens [Sp, Qp] flat token index (padding repeats the last token), p_valid [Sp, Qp],
       p_gather, p_mask [Sp, 1, Qp, Lp] causal, offset by the cached context.
     """
 
+    DECODE_GROUP_RATIO = 2.0
+    MAX_DECODE_GROUPS = 4
+
     num_tokens: int
     all_decode: bool
     block_size: int | None
-    d_tokens: torch.Tensor | None = None
-    d_gather: torch.Tensor | None = None
-    d_bias: torch.Tensor | None = None
+    d_groups: list[DecodeGroup] = field(default_factory=list)
     p_tokens: torch.Tensor | None = None
     p_valid: torch.Tensor | None = None
     p_valid_flat: torch.Tensor | None = None
     p_tokens_valid: torch.Tensor | None = None
     p_gather: torch.Tensor | None = None
     p_mask: torch.Tensor | None = None
-    _bias_cache: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
     _prefill_bias_cache: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def decode_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        assert self.d_bias is not None
-        b = self._bias_cache.get(dtype)
-        if b is None:
-            b = self.d_bias.to(dtype)
-            self._bias_cache[dtype] = b
-        return b
 
     def prefill_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """p_mask as an additive [Sp, 1, Qp, Lp] mask (0 / -inf), built once per step and dtype."""
@@ -151,6 +164,24 @@ class AttentionPlan:
             return torch.index_select(source, 0, index.reshape(-1)).view(index.shape[0], -1, d)
         blocks = torch.index_select(source.view(-1, self.block_size * d), 0, index.reshape(-1))
         return blocks.view(index.shape[0], -1, d)
+
+    @classmethod
+    def _decode_groups(cls, dec: list[int], clens: list[int]) -> list[list[int]]:
+        """Decode sequences in groups of similar context length (one group when they are alike)."""
+        if not dec:
+            return []
+        lens = [clens[i] for i in dec]
+        if max(lens) <= cls.DECODE_GROUP_RATIO * min(lens):
+            return [dec]
+        groups: list[list[int]] = []
+        first = 0
+        for i in sorted(dec, key=lambda i: clens[i]):
+            if groups and (clens[i] <= cls.DECODE_GROUP_RATIO * first or len(groups) == cls.MAX_DECODE_GROUPS):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+                first = clens[i]
+        return groups
 
     @classmethod
     def build(cls, md: AttentionMetadata, block_size: int | None) -> AttentionPlan:
@@ -181,18 +212,19 @@ class AttentionPlan:
                 raise ValueError(f"block_tables have {md.block_tables.shape[1]} columns, {nblk} needed")
             return md.block_tables[seqs, :nblk], nblk * block_size
 
-        if dec:
-            ld = max(clens[i] for i in dec)
-            if plan.all_decode:
+        for group in cls._decode_groups(dec, clens):
+            ld = max(clens[i] for i in group)
+            if plan.all_decode and len(group) == len(qlens):
                 seqs = torch.arange(len(qlens), device=device)
+                tokens = None  # token order == sequence order
             else:
-                seqs = torch.tensor(dec, dtype=torch.long, device=device)
-                plan.d_tokens = qsl[seqs]
-            plan.d_gather, ld = gather_index(seqs, ld)
+                seqs = torch.tensor(group, dtype=torch.long, device=device)
+                tokens = qsl[seqs]
+            gather, ld = gather_index(seqs, ld)
             kpos = torch.arange(ld, device=device)
             visible = kpos.unsqueeze(0) < ctx[seqs].unsqueeze(1)
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible, float("-inf"))
-            plan.d_bias = bias.unsqueeze(1)
+            plan.d_groups.append(DecodeGroup(tokens, gather, bias.unsqueeze(1)))
         if pre:
             seqs = torch.tensor(pre, dtype=torch.long, device=device)
             qp = max(qlens[i] for i in pre)

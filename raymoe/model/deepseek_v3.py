@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.model.attention import AttentionMetadata, AttentionPlan
+from raymoe.model.attention import AttentionMetadata, AttentionPlan, DecodeGroup
 from raymoe.model.config import ModelConfig
 
 ExpertSubset = Iterable[int] | Mapping[int, Iterable[int]] | None
@@ -184,32 +184,32 @@ class MLA(nn.Module):
         plan = ctx.plan
         if T == 0:  # an idle rank's empty step
             out = x.new_zeros(0, h * self.v_head_dim)
-        elif plan.all_decode:
-            out = self._decode(q_nope, q_pe, source, plan)
+        elif len(plan.d_groups) == 1 and plan.d_groups[0].tokens is None:  # all decode, alike
+            out = self._decode(q_nope, q_pe, source, plan, plan.d_groups[0])
         else:
             out = x.new_empty(T, h * self.v_head_dim)
-            if plan.d_gather is not None:
-                idx = plan.d_tokens
-                out[idx] = self._decode(q_nope[idx], q_pe[idx], source, plan)
+            for g in plan.d_groups:
+                out[g.tokens] = self._decode(q_nope[g.tokens], q_pe[g.tokens], source, plan, g)
             if plan.p_gather is not None:
                 self._prefill(q_nope, q_pe, source, plan, out)
         return self.o_proj(out)
 
-    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, source: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    def _decode(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, source: torch.Tensor, plan: AttentionPlan, group: DecodeGroup
+    ) -> torch.Tensor:
         """One query per sequence: absorb W_UK into q, attend over the latents, project out through W_UV.
 
         All heads of a sequence share one latent key/value row set, so scores are one batched
         matmul per step ([S, H, r+dr] x [S, r+dr, L]), not a per-head expansion.
         """
-        assert plan.d_gather is not None
         s = q_nope.shape[0]
         h, dn, r = self.num_heads, self.qk_nope_head_dim, self.kv_lora_rank
         w = self.kv_b_proj.weight.view(h, dn + self.v_head_dim, r)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :dn]).transpose(0, 1)  # [S, H, r]
         q_full = torch.cat((q_lat, q_pe.to(q_lat.dtype)), dim=-1)  # [S, H, r+dr]
-        kv = plan.gather(source, plan.d_gather).to(q_full.dtype)  # [S, L, r+dr]
+        kv = plan.gather(source, group.gather).to(q_full.dtype)  # [S, L, r+dr]
         scores = torch.baddbmm(
-            plan.decode_bias(q_full.dtype), q_full, kv.transpose(1, 2), alpha=self.softmax_scale
+            group.bias_as(q_full.dtype), q_full, kv.transpose(1, 2), alpha=self.softmax_scale
         )  # [S, H, L]
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_full.dtype)
         o = torch.bmm(probs, kv[..., :r])  # [S, H, r]
