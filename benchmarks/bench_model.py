@@ -6,6 +6,7 @@ Figures are decode tokens/s (median over repeats, measured side by side in one p
 cache bytes per token.
 
     python benchmarks/bench_model.py [--model PATH] [--batch 1 8 32] [--prompt 128] [--steps 64] [--threads N]
+    python benchmarks/bench_model.py --mixed [--threads N]   # decode step over very different context lengths
 """
 
 from __future__ import annotations
@@ -70,6 +71,47 @@ def run_transformers(model: torch.nn.Module, prompts: torch.Tensor, steps: int) 
         return time.perf_counter() - t0, out
 
 
+def mixed_lengths(model: Transformer, short: int = 64, long: int = 2048, n: int = 32, block_size: int = 16) -> None:
+    """One decode step over n-1 short contexts and one long: grouped by length vs padded to the longest."""
+    from raymoe.model.attention import AttentionPlan
+
+    lens = [short] * (n - 1) + [long]
+    tables, k = [], 1
+    for length in lens:
+        blocks = -(-length // block_size)
+        tables.append(list(range(k, k + blocks)))
+        k += blocks
+    cache = torch.randn(model.kv_cache_shape(k, block_size)) * 0.5
+    ids = torch.randint(3, model.config.vocab_size, (n,))
+    pos = torch.tensor([length - 1 for length in lens])
+
+    def step_ms() -> float:
+        times = []
+        for _ in range(16):
+            md = AttentionMetadata.paged([1] * n, lens, tables, block_size)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model.compute_logits(model(ids, pos, md, cache))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:]) * 1e3
+
+    saved = AttentionPlan.DECODE_GROUP_RATIO
+    try:
+        grouped, padded = [], []
+        for _ in range(3):
+            AttentionPlan.DECODE_GROUP_RATIO = saved
+            grouped.append(step_ms())
+            AttentionPlan.DECODE_GROUP_RATIO = float("inf")
+            padded.append(step_ms())
+    finally:
+        AttentionPlan.DECODE_GROUP_RATIO = saved
+    g, p = statistics.median(grouped), statistics.median(padded)
+    print(
+        f"decode step, {n - 1} contexts of {short} + 1 of {long}: grouped by length {g:.1f} ms, "
+        f"padded to the longest {p:.1f} ms ({p / g:.1f}x)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
@@ -78,9 +120,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--mixed", action="store_true", help="only the mixed-context-length decode step")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mixed:
+        mixed_lengths(load_checkpoint(args.model or default_checkpoint(), progress=False))
+        return
 
     from transformers import AutoModelForCausalLM
 
