@@ -405,6 +405,7 @@ class MoE(nn.Module):
         contribute nothing, so a caller can sum partial results across hosts.
         """
         t, k = ids.shape
+        ids, weights = ids.to(x.device), weights.to(x.device)  # a dispatcher may hand them over on the host
         out = torch.zeros_like(x)
         st = self.expert_stack()
         if t == 0 or st is None:
