@@ -72,3 +72,20 @@ def test_chat_template_agrees_with_transformers(ckpt: Path, tok: Tokenizer) -> N
     assert tok.apply_chat_template(messages) == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     text = "The quick brown fox."
     assert tok.encode(text) == ref(text)["input_ids"]
+
+
+def test_tokenizer_config_is_respected(ckpt: Path, tmp_path: Path) -> None:
+    """add_bos_token false and extra EOS ids in generation_config.json, as other checkpoints have."""
+    import json
+    import shutil
+
+    path = tmp_path / "ck"
+    shutil.copytree(ckpt, path)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg["add_bos_token"] = False
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7]}))
+    tok = Tokenizer.from_checkpoint(path)
+    assert tok is not None
+    assert tok.encode("Hi")[0] != tok.bos_token_id and tok.encode("Hi", add_bos=True)[0] == tok.bos_token_id
+    assert tok.eos_token_ids == [1, 7]

@@ -36,8 +36,10 @@ class Tokenizer:
         eos_token: str | None,
         chat_template: str | None = None,
         extra_eos_token_ids: Sequence[int] = (),
+        add_bos_token: bool = True,
     ) -> None:
         self._tok = tokenizer
+        self.add_bos_token = add_bos_token
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.chat_template = chat_template
@@ -79,6 +81,15 @@ class Tokenizer:
                 extra_eos = ModelConfig.from_checkpoint(path).eos_token_ids
             except ValueError:
                 extra_eos = []
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():  # generation may stop on more ids than the model config names
+            try:
+                gen_eos = json.loads(gen_file.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError):
+                gen_eos = None
+            for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+                if isinstance(i, int) and i not in extra_eos:
+                    extra_eos.append(i)
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -89,15 +100,19 @@ class Tokenizer:
             eos_token=_token_content(cfg.get("eos_token")),
             chat_template=template,
             extra_eos_token_ids=extra_eos,
+            add_bos_token=bool(cfg.get("add_bos_token", True)),
         )
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids, BOS first (unless the text already starts with the BOS token, as a rendered chat prompt does)."""
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids, BOS first (add_bos None: as tokenizer_config.json's add_bos_token says, True
+        when absent), not doubled when the text already starts with it, as a rendered chat prompt does."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_bos is None:
+            add_bos = self.add_bos_token
         if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids
