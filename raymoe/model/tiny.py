@@ -364,6 +364,8 @@ def make_tiny(
         write_tokenizer(out, tok, config.max_position_embeddings)
     marker = {"version": TINY_VERSION, "seed": seed, "fp8": fp8, "overrides": config_overrides}
     (out / MARKER_FILE).write_text(json.dumps(marker, sort_keys=True) + "\n")
+    for f in out.iterdir():  # safetensors writes owner-only files; a checkpoint is for reading
+        f.chmod(0o644)
     return out
 
 
@@ -390,6 +392,7 @@ def default_checkpoint() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-deepseek-v3-", dir=root))
     try:
         make_tiny(tmp, fp8=False, seed=0)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
         if path.exists() and not _is_current(path):  # an older version: move it aside, then drop it
             stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=root))
             try:
