@@ -1,0 +1,220 @@
+"""Dispatch and combine of one MoE layer across the expert hosts of a unit.
+
+Every step is a generator that yields the asynchronous collectives it has issued (a list of
+`torch.distributed` work handles) and returns its result, so that a caller can interleave two
+micro-batches (one computes while the other's exchange is in flight) or simply wait at each
+yield. Each call yields the same number of times whatever its data (an empty batch included),
+so every rank issues the unit's collectives in one order.
+
+Flat exchange: one row per (token, destination GPU), sent straight there. Hierarchical
+(node-limited) exchange: one row per (token, destination node), sent to the GPU of the same
+local index on that node, which forwards it inside the node to the GPUs hosting its experts;
+combine runs the same way back, partial sums reduced at each hop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from raymoe.model.deepseek_v3 import MoE
+from raymoe.parallel.topology import Topology
+
+Works = list[Any]
+Step = Generator[Works, None, Any]
+
+
+def choose_replica_slots(
+    ids: torch.Tensor,
+    log2phy: torch.Tensor,
+    replica_count: torch.Tensor,
+    mode: Literal["static", "balanced"],
+    src_rank: int,
+) -> torch.Tensor:
+    """[t, k] logical expert ids -> [t, k] physical slots.
+
+    static: every token of a source rank uses replica `src_rank % replicas` (a fixed spread over
+    the unit's ranks). balanced: the assignments of one expert from this rank go round-robin over
+    its replicas, offset by the source rank, so every replica gets an equal share of each step.
+    """
+    flat = ids.reshape(-1)
+    count = replica_count[flat]
+    if mode == "static":
+        r = torch.full_like(flat, src_rank) % count
+    elif mode == "balanced":
+        order = torch.sort(flat, stable=True).indices
+        sorted_ids = flat[order]
+        per_expert = torch.bincount(flat, minlength=replica_count.shape[0])
+        starts = torch.cumsum(per_expert, 0) - per_expert
+        occ = torch.empty_like(flat)
+        occ[order] = torch.arange(flat.numel(), device=flat.device) - starts[sorted_ids]
+        r = (occ + src_rank) % count
+    else:
+        raise ValueError(f"replica_choice: expected 'static' or 'balanced', got {mode!r}")
+    return log2phy[flat, r].reshape(ids.shape)
+
+
+@dataclass
+class Pairs:
+    """Rows to send: one per (source row, destination), with the slots/weights that destination serves."""
+
+    src_row: torch.Tensor  # [P] source row of each pair (pairs sorted by destination)
+    slots: torch.Tensor  # [P, k] global physical slot, -1 where that assignment goes elsewhere
+    weights: torch.Tensor  # [P, k] float32 combine weights, 0 where slot is -1
+    counts: list[int]  # pairs per destination
+
+
+def make_pairs(dest: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, num_dests: int) -> Pairs:
+    """Deduplicate (row, assignment) into (row, destination) pairs; dest/slots/weights are [t, k] (slot -1: skip)."""
+    t, k = slots.shape
+    valid = slots >= 0
+    key = dest * max(t, 1) + torch.arange(t, device=slots.device).unsqueeze(1)  # destination-major
+    key = torch.where(valid, key, torch.full_like(key, num_dests * max(t, 1)))
+    uniq, inv = torch.unique(key.reshape(-1), sorted=True, return_inverse=True)
+    n_pairs = int((uniq < num_dests * max(t, 1)).sum())
+    out_slots = torch.full((n_pairs + 1, k), -1, dtype=torch.long, device=slots.device)
+    out_w = torch.zeros((n_pairs + 1, k), dtype=torch.float32, device=slots.device)
+    col = torch.arange(k, device=slots.device).expand(t, k).reshape(-1)
+    inv = inv.clamp(max=n_pairs)  # invalid assignments land in a scratch row
+    out_slots.view(-1).index_put_((inv * k + col,), slots.reshape(-1))
+    out_w.view(-1).index_put_((inv * k + col,), weights.reshape(-1).float())
+    pair_keys = uniq[:n_pairs]
+    counts = torch.bincount(pair_keys // max(t, 1), minlength=num_dests)
+    return Pairs(pair_keys % max(t, 1), out_slots[:n_pairs], out_w[:n_pairs], counts.tolist())
+
+
+@dataclass
+class LayerStats:
+    """What one rank sent for one layer (hidden-state bytes, dispatch and combine) and computed."""
+
+    bytes_inter_node: int = 0
+    bytes_intra_node: int = 0
+    expert_tokens: int = 0  # (token, expert) assignments this GPU computed
+
+
+@dataclass
+class EPContext:
+    """What a rank needs to run dispatch/combine: its place, its groups, the placement of each MoE layer."""
+
+    topo: Topology
+    rank: int
+    node_group: Any  # this rank's node process group (hierarchical forward)
+    hierarchical: bool
+    replica_choice: Literal["static", "balanced"]
+    log2phy: dict[int, torch.Tensor]  # model layer -> [experts, max_replicas]
+    replica_count: dict[int, torch.Tensor]  # model layer -> [experts]
+    phy2log_local: dict[int, torch.Tensor]  # model layer -> [slots_per_gpu] logical expert of each local slot
+    load: dict[int, torch.Tensor] = field(default_factory=dict)  # model layer -> [experts] routed assignments
+    stats: dict[int, LayerStats] = field(default_factory=dict)
+
+    def record_send(self, layer: int, counts: list[int], group_ranks: list[int] | None, row_bytes: int) -> None:
+        """Count bytes of one exchange (its rows per destination) as crossing nodes or staying inside one."""
+        st = self.stats.setdefault(layer, LayerStats())
+        my_node = self.topo.node_of(self.rank)
+        for i, n in enumerate(counts):
+            dst = group_ranks[i] if group_ranks is not None else i
+            if n == 0 or dst == self.rank:
+                continue
+            if self.topo.node_of(dst) == my_node:
+                st.bytes_intra_node += n * row_bytes
+            else:
+                st.bytes_inter_node += n * row_bytes
+
+
+def _exchange_counts(counts: list[int], group: Any) -> list[int]:
+    send = torch.tensor(counts, dtype=torch.long)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.tolist()
+
+
+def _a2a(tensors: list[torch.Tensor], send: list[int], recv: list[int], group: Any) -> Step:
+    """Async all_to_all of row-aligned tensors with the given split sizes; yields once."""
+    outs, works = [], []
+    for x in tensors:
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        works.append(dist.all_to_all_single(out, x.contiguous(), recv, send, group=group, async_op=True))
+        outs.append(out)
+    yield works
+    return outs
+
+
+def _send_rows(
+    ctx: EPContext, layer: int, x: torch.Tensor, pairs: Pairs, group: Any, group_ranks: list[int] | None
+) -> Step:
+    """Dispatch rows x[pairs.src_row] with their slots/weights; returns (rows, slots, weights, recv counts)."""
+    recv = _exchange_counts(pairs.counts, group)
+    meta = torch.cat((pairs.weights, pairs.slots.to(torch.float32)), dim=1)  # slot ids < 2**24: exact in float32
+    payload = x.index_select(0, pairs.src_row.to(x.device))
+    ctx.record_send(layer, pairs.counts, group_ranks, x.shape[1] * x.element_size())
+    rows, meta_in = yield from _a2a([payload, meta.to(x.device)], pairs.counts, recv, group)
+    k = pairs.slots.shape[1]
+    return rows, meta_in[:, k:].round().long(), meta_in[:, :k].float(), recv
+
+
+def _send_back(
+    ctx: EPContext, layer: int, y: torch.Tensor, pairs: Pairs, recv: list[int], out_rows: int, group: Any,
+    group_ranks: list[int] | None,
+) -> Step:
+    """Combine: return the partial sums along the reverse path and reduce them per source row."""
+    ctx.record_send(layer, recv, group_ranks, y.shape[1] * y.element_size())
+    (back,) = yield from _a2a([y], recv, pairs.counts, group)
+    out = y.new_zeros((out_rows, y.shape[1]))
+    return out.index_add_(0, pairs.src_row.to(y.device), back)
+
+
+def _compute(ctx: EPContext, layer: int, moe: MoE, rows: torch.Tensor, slots: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """This host's experts over the received rows: weighted sum per row of its (slot, weight) entries."""
+    valid = slots >= 0
+    row_idx, col = valid.nonzero(as_tuple=True)
+    local = slots[row_idx, col] - ctx.rank * ctx.topo.slots_per_gpu
+    if local.numel() and (int(local.min()) < 0 or int(local.max()) >= ctx.topo.slots_per_gpu):
+        raise RuntimeError(f"rank {ctx.rank} received a slot it does not host (layer {layer})")
+    logical = ctx.phy2log_local[layer].to(rows.device)[local]
+    st = ctx.stats.setdefault(layer, LayerStats())
+    st.expert_tokens += int(row_idx.numel())
+    y = moe.expert_forward(
+        rows.index_select(0, row_idx.to(rows.device)), logical.unsqueeze(1), w[row_idx, col].unsqueeze(1)
+    )
+    return rows.new_zeros(rows.shape).index_add_(0, row_idx.to(rows.device), y)
+
+
+def moe_dispatch_combine(ctx: EPContext, layer: int, moe: MoE, x: torch.Tensor, world_group: Any = None) -> Step:
+    """Routed-expert output for this rank's tokens x [t, D]: gate here, experts wherever their replicas are."""
+    topo = ctx.topo
+    t = x.shape[0]
+    if t:
+        ids, weights = moe.route(x)
+        ids_cpu = ids.cpu()
+        load = ctx.load.get(layer)
+        counts = torch.bincount(ids_cpu.reshape(-1), minlength=topo.num_experts)
+        ctx.load[layer] = counts if load is None else load + counts
+        slots = choose_replica_slots(
+            ids_cpu, ctx.log2phy[layer], ctx.replica_count[layer], ctx.replica_choice, ctx.rank
+        )
+        weights = weights.float().cpu()
+    else:
+        k = moe.gate.top_k
+        slots = torch.empty((0, k), dtype=torch.long)
+        weights = torch.empty((0, k), dtype=torch.float32)
+    gpu = slots // topo.slots_per_gpu
+    if not ctx.hierarchical:
+        pairs = make_pairs(gpu, slots, weights, topo.world_size)
+        rows, r_slots, r_w, recv = yield from _send_rows(ctx, layer, x, pairs, world_group, None)
+        y = _compute(ctx, layer, moe, rows, r_slots, r_w)
+        return (yield from _send_back(ctx, layer, y, pairs, recv, t, world_group, None))
+    # hierarchical: to the same-index GPU of each destination node, then forwarded inside that node
+    g = topo.gpus_per_node
+    local = topo.local_of(ctx.rank)
+    node_pairs = make_pairs((gpu // g) * g + local, slots, weights, topo.world_size)
+    rows1, slots1, w1, recv1 = yield from _send_rows(ctx, layer, x, node_pairs, world_group, None)
+    node_ranks = topo.node_ranks(topo.node_of(ctx.rank))
+    fwd_pairs = make_pairs((slots1 // topo.slots_per_gpu) % g, slots1, w1, g)
+    rows2, slots2, w2, recv2 = yield from _send_rows(ctx, layer, rows1, fwd_pairs, ctx.node_group, node_ranks)
+    y2 = _compute(ctx, layer, moe, rows2, slots2, w2)
+    y1 = yield from _send_back(ctx, layer, y2, fwd_pairs, recv2, rows1.shape[0], ctx.node_group, node_ranks)
+    return (yield from _send_back(ctx, layer, y1, node_pairs, recv1, t, world_group, None))

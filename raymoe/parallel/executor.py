@@ -1,0 +1,291 @@
+"""The driver side of an expert-parallel deployment unit: an `Executor` over GPU worker actors.
+
+Ray is the control plane only: one STRICT_PACK placement group per node, one worker actor per
+GPU, one Ray call per worker per step (the inputs of its DP rank), health through the results.
+The data plane (TP all-reduce, dispatch/combine all-to-alls) is torch.distributed inside the
+unit, rendezvousing at a TCP store the driver hosts. A worker that dies fails the step at once
+with a clear error; the unit is then torn down and must be rebuilt as a whole.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+
+from raymoe.engine.executor import ModelInput, SamplerOutput
+from raymoe.model.config import ModelConfig
+from raymoe.parallel.config import ParallelConfig
+from raymoe.parallel.dispatch import LayerStats
+from raymoe.parallel.topology import Topology
+from raymoe.parallel.worker import GPUWorker, WorkerStepResult
+
+
+class UnitFailure(RuntimeError):
+    """The deployment unit lost a worker (or a step timed out): it is down and must be restarted whole."""
+
+
+@dataclass
+class StepStats:
+    """One step of the unit, summed over workers and MoE layers (bytes of hidden states, dispatch + combine)."""
+
+    bytes_inter_node: int = 0
+    bytes_intra_node: int = 0
+    busiest_gpu_tokens: float = 0.0  # per MoE layer: max over GPUs of (token, expert) pairs computed, mean over layers
+    mean_gpu_tokens: float = 0.0
+    worker_seconds: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_workers(cls, per_worker: list[dict[int, LayerStats]], seconds: list[float]) -> StepStats:
+        layers = sorted({layer for s in per_worker for layer in s})
+        out = cls(worker_seconds=seconds)
+        busiest, mean = [], []
+        for layer in layers:
+            tokens = [s[layer].expert_tokens if layer in s else 0 for s in per_worker]
+            busiest.append(max(tokens))
+            mean.append(sum(tokens) / len(tokens))
+            for s in per_worker:
+                if layer in s:
+                    out.bytes_inter_node += s[layer].bytes_inter_node
+                    out.bytes_intra_node += s[layer].bytes_intra_node
+        out.busiest_gpu_tokens = float(np.mean(busiest)) if busiest else 0.0
+        out.mean_gpu_tokens = float(np.mean(mean)) if mean else 0.0
+        return out
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def initial_placement(topo: Topology, model: ModelConfig, node_limited: bool, load: np.ndarray | None = None) -> Any:
+    """Placement of every MoE layer from `load` (uniform without statistics): groups on nodes when node-limited."""
+    from raymoe.eplb.policy import rebalance
+
+    n_moe = len(model.moe_layers)
+    if load is None:
+        load = np.ones((n_moe, model.n_routed_experts))
+    return rebalance(
+        load, topo.nodes, topo.gpus_per_node, topo.slots_per_gpu, model.n_group,
+        regime="auto" if node_limited else "global",
+    )
+
+
+class ExpertParallelExecutor:
+    """Runs the engine's steps on one deployment unit of `nodes x gpus_per_node` worker actors."""
+
+    def __init__(
+        self,
+        model: str,
+        parallel: ParallelConfig,
+        *,
+        dtype: str = "float32",
+        num_kv_blocks: int,
+        block_size: int,
+        placement: Any = None,
+    ) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            ray.init(address=parallel.ray_address or "auto", log_to_driver=False)
+        self.parallel = parallel
+        self.model_config = ModelConfig.from_checkpoint(model)
+        self.topo = Topology.from_config(parallel, self.model_config)
+        self.placement = placement or initial_placement(self.topo, self.model_config, parallel.node_limited)
+        hierarchical = parallel.node_limited and self.topo.nodes > 1
+        self._num_kv_blocks, self._block_size = num_kv_blocks, block_size
+        self._failure: str | None = None
+        self.last_stats = StepStats()
+        self._store = torch.distributed.TCPStore(
+            "0.0.0.0", _free_port(), is_master=True, wait_for_workers=False,
+            timeout=timedelta(seconds=parallel.collective_timeout_s),
+        )
+        host = ray.util.get_node_ip_address()
+        unit_id = f"raymoe-unit-{uuid.uuid4().hex[:8]}/"
+        g = self.topo.gpus_per_node
+        self.pgs = [placement_group([{"GPU": 1}] * g, strategy="STRICT_PACK") for _ in range(self.topo.nodes)]
+        ready = [pg.ready() for pg in self.pgs]
+        done, _ = ray.wait(ready, num_returns=len(ready), timeout=parallel.step_timeout_s)
+        if len(done) < len(ready):
+            self._teardown()
+            raise UnitFailure(
+                f"cannot place the unit: {self.topo.nodes} node(s) with {g} free GPU(s) each are needed "
+                f"(one STRICT_PACK placement group per node); only {len(done)} placed"
+            )
+        actor = ray.remote(GPUWorker)
+        self.workers = [
+            actor.options(
+                num_gpus=1,
+                num_cpus=parallel.worker_cpus,
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pgs[self.topo.node_of(r)], placement_group_bundle_index=self.topo.local_of(r)
+                ),
+            ).remote(
+                r, self.topo, str(model), dtype, parallel.device, num_kv_blocks, block_size,
+                self.placement.phy2log, self.placement.log2phy, self.placement.replica_count,
+                (host, self._store.port), unit_id, hierarchical, parallel.replica_choice, parallel.overlap,
+                parallel.collective_timeout_s,
+            )
+            for r in range(self.topo.world_size)
+        ]
+        self.worker_info = self._gather([w.setup.remote() for w in self.workers])
+
+    # --- Executor protocol -----------------------------------------------------------------------
+    @property
+    def dp_size(self) -> int:
+        return self.topo.dp_size
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._num_kv_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    def execute(self, inputs: list[ModelInput | None]) -> list[SamplerOutput | None]:
+        return self._step(inputs, want_logits=False)  # type: ignore[return-value]
+
+    def compute_logits(self, inputs: list[ModelInput | None]) -> list[torch.Tensor | None]:
+        """A step that returns each rank's float32 logits of its sampled rows instead of tokens (tests, checks)."""
+        return self._step(inputs, want_logits=True)  # type: ignore[return-value]
+
+    def read_kv(self, dp_rank: int, block_ids: list[int]) -> torch.Tensor:
+        self._check_blocks(dp_rank, block_ids)
+        return self._gather([self.workers[self.topo.attention_group(dp_rank)[0]].read_kv.remote(block_ids)])[0]
+
+    def write_kv(self, dp_rank: int, block_ids: list[int], kv: torch.Tensor) -> None:
+        self._check_blocks(dp_rank, block_ids)
+        c = self.model_config
+        want = (c.num_hidden_layers, len(block_ids), self._block_size, c.kv_cache_dim)
+        if tuple(kv.shape) != want:
+            raise ValueError(f"kv shape {tuple(kv.shape)} does not match {want}")
+        self._gather([self.workers[r].write_kv.remote(block_ids, kv) for r in self.topo.attention_group(dp_rank)])
+
+    def shutdown(self) -> None:
+        if self._failure is None:
+            self._failure = "the unit was shut down"
+        self._teardown()
+
+    # --- beyond the protocol ---------------------------------------------------------------------
+    def expert_load(self) -> np.ndarray:
+        """[moe_layers, experts] routed assignments counted on every rank since the last call (for the load tracker)."""
+        per_worker = self._gather([w.expert_load.remote() for w in self.workers])
+        layers = self.model_config.moe_layers
+        out = np.zeros((len(layers), self.model_config.n_routed_experts), dtype=np.int64)
+        for counts in per_worker:
+            for j, layer in enumerate(layers):
+                if layer in counts:
+                    out[j] += counts[layer].numpy()
+        return out
+
+    def set_options(self, *, overlap: bool | None = None, replica_choice: str | None = None) -> None:
+        """Switch overlap / replica choice on a running unit (between steps; every worker at once)."""
+        update: dict[str, Any] = {}
+        if overlap is not None:
+            update["overlap"] = overlap
+        if replica_choice is not None:
+            update["replica_choice"] = replica_choice
+        self.parallel = ParallelConfig.model_validate({**self.parallel.model_dump(), **update})
+        p = self.parallel
+        self._gather([w.set_options.remote(p.overlap, p.replica_choice) for w in self.workers])
+
+    def worker_pids(self) -> list[int]:
+        return self._gather([w.pid.remote() for w in self.workers])
+
+    def _check_blocks(self, dp_rank: int, block_ids: list[int]) -> None:
+        if not 0 <= dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank {dp_rank} out of range (dp_size={self.dp_size})")
+        if block_ids and not (0 <= min(block_ids) and max(block_ids) < self._num_kv_blocks):
+            raise ValueError(f"block_ids out of range [0, {self._num_kv_blocks})")
+
+    def _step(self, inputs: list[ModelInput | None], want_logits: bool) -> list[Any]:
+        import ray
+
+        if len(inputs) != self.dp_size:
+            raise ValueError(f"{self.dp_size} DP ranks, got {len(inputs)} inputs")
+        refs = [ray.put(inp) if inp is not None else None for inp in inputs]
+        calls = [
+            w.step.remote(refs[self.topo.dp_rank_of(r)], want_logits) for r, w in enumerate(self.workers)
+        ]
+        results: list[WorkerStepResult] = self._gather(calls)
+        self.last_stats = StepStats.from_workers([r.stats for r in results], [r.seconds for r in results])
+        return [results[self.topo.attention_group(d)[0]].output for d in range(self.dp_size)]
+
+    def _gather(self, refs: list[Any]) -> list[Any]:
+        """ray.get of one call per worker that fails at the first dead worker instead of waiting on the others."""
+        import ray
+
+        if self._failure is not None:
+            raise UnitFailure(f"expert-parallel unit is down: {self._failure}")
+        index = {ref: i for i, ref in enumerate(refs)}
+        out: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=self.parallel.step_timeout_s)
+            if not ready:
+                self._fail(f"no answer from {len(pending)} worker(s) within step_timeout_s={self.parallel.step_timeout_s}")
+            for ref in ready:
+                i = index[ref]
+                try:
+                    out[i] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    self._fail(f"worker {self._where(i, len(refs))} died ({type(e).__name__})")
+                except ray.exceptions.RayTaskError as e:
+                    self._fail(f"worker {self._where(i, len(refs))} failed: {e.cause!r}")
+        return out
+
+    def _where(self, i: int, n: int) -> str:
+        if n != self.topo.world_size:
+            return f"call {i}"
+        return f"rank {i} (node {self.topo.node_of(i)}, GPU {self.topo.local_of(i)})"
+
+    def _fail(self, why: str) -> None:
+        self._failure = why
+        self._teardown()
+        raise UnitFailure(f"expert-parallel unit failed: {why}; the unit is torn down and must be restarted as a whole")
+
+    def _teardown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for w in getattr(self, "workers", []):
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:
+                pass
+        self.workers = []
+        for pg in getattr(self, "pgs", []):
+            try:
+                remove_placement_group(pg)
+            except Exception:
+                pass
+        self.pgs = []
+
+
+def build_executor(engine_config: Any) -> ExpertParallelExecutor:
+    """The engine's hook (`EngineConfig.parallel`): a unit sized from the engine's cache settings."""
+    from raymoe.engine.llm_engine import DEFAULT_CPU_KV_TOKENS
+
+    parallel = engine_config.parallel
+    if not isinstance(parallel, ParallelConfig):
+        parallel = ParallelConfig.model_validate(parallel)
+    model_config = ModelConfig.from_checkpoint(engine_config.model)
+    max_len = engine_config.max_model_len or min(model_config.max_position_embeddings, 8192)
+    tokens = engine_config.kv_cache_tokens or max(DEFAULT_CPU_KV_TOKENS, max_len)
+    return ExpertParallelExecutor(
+        engine_config.model,
+        parallel,
+        dtype=engine_config.dtype,
+        num_kv_blocks=-(-tokens // engine_config.block_size),
+        block_size=engine_config.block_size,
+    )

@@ -1,0 +1,293 @@
+"""One GPU of a deployment unit: a member of an attention group and an expert host.
+
+The worker holds its attention shard (MLA heads split over the TP group; dense MLPs whole, TP1),
+the routed experts of its physical slots, the shared expert, and the paged latent KV cache of
+its DP rank (replicated over the TP group, since MLA's latent is shared by all heads). Ray calls
+reach it once per step; inside the step every layer talks to the other workers through
+torch.distributed collectives only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raymoe.engine.executor import ModelInput, SamplerOutput
+from raymoe.engine.sampler import Sampler
+from raymoe.model.config import ModelConfig
+from raymoe.model.deepseek_v3 import MLA, MoE, Transformer
+from raymoe.model.weights import load_checkpoint
+from raymoe.parallel.dispatch import EPContext, LayerStats, Step, Works, moe_dispatch_combine
+from raymoe.parallel.topology import Topology
+
+
+def shard_attention(attn: MLA, config: ModelConfig, tp_rank: int, tp: int) -> MLA:
+    """This TP rank's heads of one MLA layer: q_b/kv_b rows and o_proj columns of its heads; the rest replicated."""
+    h = config.num_attention_heads // tp
+    shard = MLA(config.model_copy(update={"num_attention_heads": h}))
+    shard = shard.to(device=attn.kv_a_proj_with_mqa.weight.device, dtype=attn.kv_a_proj_with_mqa.weight.dtype)
+    heads = slice(tp_rank * h, (tp_rank + 1) * h)
+    dqk, dn, dv = config.qk_head_dim, config.qk_nope_head_dim, config.v_head_dim
+    src = attn.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, w in src.items():
+        if name.startswith(("q_b_proj.", "q_proj.")):
+            out[name] = w.view(config.num_attention_heads, dqk, -1)[heads].reshape(h * dqk, -1)
+        elif name.startswith("kv_b_proj."):
+            out[name] = w.view(config.num_attention_heads, dn + dv, -1)[heads].reshape(h * (dn + dv), -1)
+        elif name.startswith("o_proj."):
+            out[name] = w.view(w.shape[0], config.num_attention_heads, dv)[:, heads].reshape(w.shape[0], h * dv)
+        else:
+            out[name] = w
+    shard.load_state_dict({k: v.clone() for k, v in out.items()})
+    return shard.eval().requires_grad_(False)
+
+
+def split_micro_batches(inp: ModelInput) -> list[ModelInput | None]:
+    """Two micro-batches of whole sequences with token counts as even as possible (second may be None)."""
+    qlens = inp.query_lens
+    if len(qlens) < 2:
+        return [inp, None]
+    total = sum(qlens)
+    best, acc, cut = None, 0, 1
+    for s in range(1, len(qlens)):
+        acc += qlens[s - 1]
+        d = abs(total - 2 * acc)
+        if best is None or d < best:
+            best, cut = d, s
+    tok = sum(qlens[:cut])
+    empty = torch.empty(0, dtype=torch.long)
+
+    def part(seqs: slice, toks: slice) -> ModelInput:
+        return ModelInput(
+            input_ids=inp.input_ids[toks],
+            positions=inp.positions[toks],
+            query_lens=qlens[seqs],
+            context_lens=inp.context_lens[seqs],
+            block_tables=inp.block_tables[seqs],
+            slot_mapping=inp.slot_mapping[toks],
+            sample_indices=empty,
+            sampling=None,
+        )
+
+    return [part(slice(0, cut), slice(0, tok)), part(slice(cut, None), slice(tok, None))]
+
+
+def run_interleaved(steps: list[Step]) -> list[Any]:
+    """Drive step generators in strict alternation: each runs until it has issued a collective, then the next.
+
+    While one waits on its in-flight exchange the other computes; every rank alternates in the same
+    order, so the collectives are issued in one global order. One generator = no overlap.
+    """
+    pending: list[Works | None] = [None] * len(steps)
+    done = [False] * len(steps)
+    results: list[Any] = [None] * len(steps)
+    while not all(done):
+        for i, step in enumerate(steps):
+            if done[i]:
+                continue
+            for work in pending[i] or ():
+                work.wait()
+            try:
+                pending[i] = next(step)
+            except StopIteration as stop:
+                done[i], results[i] = True, stop.value
+    return results
+
+
+@dataclass
+class WorkerStepResult:
+    output: SamplerOutput | torch.Tensor | None  # TP rank 0 of a group with work: sampled tokens or logits
+    stats: dict[int, LayerStats]
+    seconds: float
+
+
+class GPUWorker:
+    """A Ray actor (created with num_gpus=1 by the executor); methods are the unit's control plane."""
+
+    def __init__(
+        self,
+        rank: int,
+        topo: Topology,
+        model_path: str,
+        dtype: str,
+        device: str,
+        num_kv_blocks: int,
+        block_size: int,
+        phy2log: np.ndarray,
+        log2phy: np.ndarray,
+        replica_count: np.ndarray,
+        store_addr: tuple[str, int],
+        unit_id: str,
+        hierarchical: bool,
+        replica_choice: str,
+        overlap: bool,
+        collective_timeout_s: float,
+    ) -> None:
+        self.rank = rank
+        self.topo = topo
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # many workers share a host's cores
+        self.model_path, self.dtype = model_path, dtype
+        self.num_kv_blocks, self.block_size = num_kv_blocks, block_size
+        self.phy2log, self.log2phy, self.replica_count = phy2log, log2phy, replica_count
+        self.store_addr, self.unit_id = store_addr, unit_id
+        self.hierarchical, self.replica_choice, self.overlap = hierarchical, replica_choice, overlap
+        self.timeout = timedelta(seconds=collective_timeout_s)
+        self.sampler = Sampler()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def setup(self) -> str:
+        """Join the unit's process groups (rendezvous at the driver's TCP store) and load this GPU's weights."""
+        topo, rank = self.topo, self.rank
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        host, port = self.store_addr
+        store = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
+        dist.init_process_group(
+            backend, store=dist.PrefixStore(self.unit_id, store), rank=rank, world_size=topo.world_size, timeout=self.timeout
+        )
+        self.tp_group = None
+        for d in range(topo.dp_size):  # every rank creates every group, in one order
+            g = dist.new_group(topo.attention_group(d), backend=backend) if topo.attention_tp > 1 else None
+            if d == topo.dp_rank_of(rank):
+                self.tp_group = g
+        self.node_group = None
+        for n in range(topo.nodes):
+            g = dist.new_group(topo.node_ranks(n), backend=backend)
+            if n == topo.node_of(rank):
+                self.node_group = g
+        self.config = ModelConfig.from_checkpoint(self.model_path)
+        moe_layers = self.config.moe_layers
+        spg = topo.slots_per_gpu
+        mine = slice(rank * spg, (rank + 1) * spg)
+        hosted = {layer: sorted(set(self.phy2log[j, mine].tolist())) for j, layer in enumerate(moe_layers)}
+        model = load_checkpoint(
+            self.model_path, self.config, experts=hosted, dtype=self.dtype, device=self.device, progress=False
+        )
+        self.tp_rank = topo.tp_rank_of(rank)
+        if topo.attention_tp > 1:
+            for layer in model.layers:
+                layer.self_attn = shard_attention(layer.self_attn, self.config, self.tp_rank, topo.attention_tp)
+        self.model: Transformer = model
+        self.kv_cache = torch.zeros(
+            model.kv_cache_shape(self.num_kv_blocks, self.block_size), dtype=next(model.parameters()).dtype,
+            device=self.device,
+        )
+        self.ep = EPContext(
+            topo=topo,
+            rank=rank,
+            node_group=self.node_group,
+            hierarchical=self.hierarchical,
+            replica_choice=self.replica_choice,  # type: ignore[arg-type]
+            log2phy={layer: torch.as_tensor(self.log2phy[j]) for j, layer in enumerate(moe_layers)},
+            replica_count={layer: torch.as_tensor(self.replica_count[j]) for j, layer in enumerate(moe_layers)},
+            phy2log_local={layer: torch.as_tensor(self.phy2log[j, mine]) for j, layer in enumerate(moe_layers)},
+        )
+        return f"rank {rank}: node {topo.node_of(rank)} GPU {topo.local_of(rank)}, {backend}, {self.device}"
+
+    # --- the data plane of one micro-batch ---------------------------------------------------------
+    def _forward(self, inp: ModelInput | None) -> Step:
+        """Final-normed hidden states of one micro-batch; yields at the same points whatever the batch."""
+        model, tp = self.model, self.topo.attention_tp
+        dim = self.config.hidden_size
+        empty = inp is None or inp.num_tokens == 0
+        dt = self.kv_cache.dtype
+        if empty:
+            h = torch.zeros((0, dim), dtype=dt, device=self.device)
+            ctx = None
+        else:
+            assert inp is not None
+            ctx = model.make_context(inp.positions.to(self.device), inp.attention_metadata(self.device), self.kv_cache)
+            h = model.embed_tokens(inp.input_ids.to(self.device))
+        for i, layer in enumerate(model.layers):
+            if empty:
+                yield []
+            else:
+                a = layer.self_attn(layer.input_layernorm(h), ctx, self.kv_cache[i])
+                if tp > 1:
+                    yield [dist.all_reduce(a, group=self.tp_group, async_op=True)]
+                else:
+                    yield []
+                h = h + a
+            x = layer.post_attention_layernorm(h)
+            if not isinstance(layer.mlp, MoE):
+                h = h + layer.mlp(x)
+                continue
+            # sequence parallel inside the attention group: each TP rank dispatches its share of the tokens
+            t = x.shape[0]
+            per = -(-t // tp)
+            xs = x[self.tp_rank * per : (self.tp_rank + 1) * per]
+            ys = yield from moe_dispatch_combine(self.ep, i, layer.mlp, xs)
+            ys = ys + layer.mlp.shared_experts(xs)
+            if tp > 1 and per > 0:  # per is the same on every rank of the group
+                padded = ys.new_zeros((per, dim))
+                padded[: ys.shape[0]] = ys
+                parts = [torch.empty_like(padded) for _ in range(tp)]
+                yield [dist.all_gather(parts, padded, group=self.tp_group, async_op=True)]
+                ys = torch.cat(parts)[:t]
+            else:
+                yield []
+            h = h + ys
+        return model.norm(h)
+
+    @torch.inference_mode()
+    def step(self, inp: ModelInput | None, want_logits: bool = False) -> WorkerStepResult:
+        """One engine step for this worker's DP rank (None: an empty batch that still joins every collective)."""
+        t0 = time.perf_counter()
+        self.ep.stats = {}
+        if self.overlap:
+            mbs = split_micro_batches(inp) if inp is not None else [None, None]
+            parts = run_interleaved([self._forward(mb) for mb in mbs])
+            hidden = torch.cat(parts)
+        else:
+            (hidden,) = run_interleaved([self._forward(inp)])
+        out: SamplerOutput | torch.Tensor | None = None
+        if inp is not None and self.tp_rank == 0:
+            if inp.sampling is None or inp.sample_indices.numel() == 0:
+                out = torch.empty(0, self.config.vocab_size) if want_logits else SamplerOutput([], None)
+            else:
+                idx = inp.sample_indices.to(self.device)
+                logits = self.model.compute_logits(hidden[idx])
+                out = logits.cpu() if want_logits else self.sampler(logits, inp.sampling)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return WorkerStepResult(out, self.ep.stats, time.perf_counter() - t0)
+
+    # --- control plane -----------------------------------------------------------------------------
+    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.kv_cache.index_select(1, idx).cpu()
+
+    def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv_cache.index_copy_(1, idx, kv.to(device=self.device, dtype=self.kv_cache.dtype))
+
+    def expert_load(self) -> dict[int, torch.Tensor]:
+        """Routed assignments per logical expert per MoE layer counted by this rank since the last call."""
+        load, self.ep.load = self.ep.load, {}
+        return load
+
+    def set_options(self, overlap: bool, replica_choice: str) -> None:
+        self.overlap = overlap
+        self.ep.replica_choice = replica_choice  # type: ignore[assignment]
+
+    def hosted_experts(self) -> dict[int, list[int]]:
+        return {i: layer.mlp.hosted_experts for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)}
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+

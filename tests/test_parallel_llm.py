@@ -1,0 +1,63 @@
+"""A 1 x 2 unit (EP2 with redundant slots, DP2, overlap on) and the engine's entry point `LLM(parallel=...)`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from raymoe.engine.llm import LLM
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.model.config import ModelConfig
+from raymoe.model.deepseek_v3 import Transformer
+from raymoe.model.tiny import default_checkpoint
+from raymoe.model.weights import load_checkpoint
+from raymoe.parallel.config import ParallelConfig
+from raymoe.parallel.executor import ExpertParallelExecutor
+from raymoe.parallel.topology import Topology
+from tests.test_parallel import BLOCK, BLOCKS, check_against_reference
+
+PROMPTS = ["Hello there", "The quick brown fox jumps over", "a", "MoE on Ray: experts everywhere, attention in groups"]
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="attention_tp=3 must divide gpus_per_node=4"):
+        ParallelConfig(nodes=2, gpus_per_node=4, attention_tp=3)
+    cfg = ModelConfig.from_checkpoint(default_checkpoint())
+    with pytest.raises(ValueError, match="cannot hold 64 routed experts"):
+        Topology.from_config(ParallelConfig(nodes=1, gpus_per_node=2, slots_per_gpu=8), cfg)
+    topo = Topology.from_config(ParallelConfig(nodes=4, gpus_per_node=8, attention_tp=4, redundant_experts=32), cfg)
+    assert (topo.dp_size, topo.world_size, topo.slots_per_gpu) == (8, 32, 3)
+
+
+@pytest.fixture(scope="module")
+def unit_1x2(ray_cluster) -> Iterator[ExpertParallelExecutor]:
+    cfg = ParallelConfig(nodes=1, gpus_per_node=2, redundant_experts=2, overlap=True)
+    unit = ExpertParallelExecutor(str(default_checkpoint()), cfg, num_kv_blocks=BLOCKS, block_size=BLOCK)
+    yield unit
+    unit.shutdown()
+
+
+def test_unit_1x2_matches_single_process(unit_1x2: ExpertParallelExecutor) -> None:
+    assert (unit_1x2.dp_size, unit_1x2.topo.slots_per_gpu) == (2, 33)
+    model: Transformer = load_checkpoint(default_checkpoint(), progress=False)
+    check_against_reference(unit_1x2, model, steps=1)
+    assert unit_1x2.last_stats.bytes_inter_node == 0  # one node: nothing crosses
+
+
+def test_llm_parallel_same_as_single_process(unit_1x2: ExpertParallelExecutor) -> None:
+    unit_1x2.shutdown()  # free its GPUs for the LLM's own unit
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    ref = LLM(model=str(default_checkpoint()), kv_cache_tokens=512, block_size=BLOCK)
+    want = [o.token_ids for o in ref.generate(PROMPTS, params)]
+    ref.shutdown()
+    llm = LLM(
+        model=str(default_checkpoint()), kv_cache_tokens=512, block_size=BLOCK,
+        parallel=ParallelConfig(nodes=1, gpus_per_node=2, overlap=True, replica_choice="static"),
+    )
+    try:
+        assert llm.engine.dp_size == 2
+        got = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    finally:
+        llm.shutdown()
+    assert got == want
