@@ -341,8 +341,8 @@ def test_empty_step(reference: tuple[Any, Transformer]) -> None:
     assert not cache.any()
 
 
-def test_decode_groups_by_context_length(reference: tuple[Any, Transformer]) -> None:
-    """Very different context lengths decode in separate groups, with the same logits."""
+def test_attention_groups_by_context_length(reference: tuple[Any, Transformer]) -> None:
+    """Very different context lengths prefill and decode in separate groups, with the same logits."""
     from raymoe.model.attention import AttentionPlan
 
     hf, ours = reference
@@ -350,7 +350,11 @@ def test_decode_groups_by_context_length(reference: tuple[Any, Transformer]) -> 
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (2, 5, 11, 23, 24)]
     md = AttentionMetadata.paged([1] * 5, [len(p) for p in prompts], [[1]] * 5, 32)
     assert [len(x.tokens) for x in md.plan(32).d_groups] == [1, 1, 1, 2]  # 2 | 5 | 11 | 23, 24 (capped at 4)
-    assert AttentionPlan._decode_groups([0, 1], [7, 12]) == [[0, 1]]
+    assert AttentionPlan._length_groups([0, 1], [7, 12]) == [[0, 1]]
+    # prefill chunks group the same way: 4 | 10 | 22, 23 (the decode of sequence 0 aside)
+    chunks = [len(p) - 1 for p in prompts]
+    md = AttentionMetadata.paged(chunks, chunks, [[1]] * 5, 32)
+    assert [g.tokens.shape for g in md.plan(32).p_groups] == [(1, 4), (1, 10), (2, 23)]
     # prefill all but the last token, then one decode step for everyone
     got = run_paged(ours, prompts, [[len(p) - 1 for p in prompts], [1] * 5])
     for p, logits in zip(prompts, got, strict=True):

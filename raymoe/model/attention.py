@@ -115,6 +115,32 @@ class DecodeGroup:
 
 
 @dataclass
+class PrefillGroup:
+    """Prefill sequences attended together, padded to the group's longest chunk and context.
+
+    tokens [S, Q] flat token index (padding repeats the last token), valid [S, Q] real queries,
+    valid_flat / tokens_valid the same flattened, gather (see AttentionPlan), mask [S, 1, Q, L]
+    causal, offset by each sequence's cached context.
+    """
+
+    tokens: torch.Tensor
+    valid_flat: torch.Tensor
+    tokens_valid: torch.Tensor
+    gather: torch.Tensor
+    mask: torch.Tensor
+    _bias_cache: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def bias_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as an additive one (0 / -inf), built once per step and dtype."""
+        b = self._bias_cache.get(dtype)
+        if b is None:
+            b = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            b.masked_fill_(~self.mask, float("-inf"))
+            self._bias_cache[dtype] = b
+        return b
+
+
+@dataclass
 class AttentionPlan:
     """Per-step index tensors shared by all layers.
 
@@ -126,9 +152,8 @@ class AttentionPlan:
     Decode part (sequences with one new token, absorbed MLA): `d_groups`, sequences grouped by
     context length (within a factor DECODE_GROUP_RATIO of each other) so a few long contexts do
     not make every short one gather and attend over their length.
-    Prefill part (sequences with several new tokens, expanded MLA):
-      p_tokens [Sp, Qp] flat token index (padding repeats the last token), p_valid [Sp, Qp],
-      p_gather, p_mask [Sp, 1, Qp, Lp] causal, offset by the cached context.
+    Prefill part (sequences with several new tokens, expanded MLA): `p_groups`, grouped the same
+    way by context length, so a short new prompt is not padded to a long chunked-prefill context.
     """
 
     DECODE_GROUP_RATIO = 2.0
@@ -138,23 +163,7 @@ class AttentionPlan:
     all_decode: bool
     block_size: int | None
     d_groups: list[DecodeGroup] = field(default_factory=list)
-    p_tokens: torch.Tensor | None = None
-    p_valid: torch.Tensor | None = None
-    p_valid_flat: torch.Tensor | None = None
-    p_tokens_valid: torch.Tensor | None = None
-    p_gather: torch.Tensor | None = None
-    p_mask: torch.Tensor | None = None
-    _prefill_bias_cache: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def prefill_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """p_mask as an additive [Sp, 1, Qp, Lp] mask (0 / -inf), built once per step and dtype."""
-        assert self.p_mask is not None
-        b = self._prefill_bias_cache.get(dtype)
-        if b is None:
-            b = torch.zeros(self.p_mask.shape, dtype=dtype, device=self.p_mask.device)
-            b.masked_fill_(~self.p_mask, float("-inf"))
-            self._prefill_bias_cache[dtype] = b
-        return b
+    p_groups: list[PrefillGroup] = field(default_factory=list)
 
     def gather(self, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Latents [S, L, D] of the sequences' keys, from the flat cache [num_blocks * block_size, D]."""
@@ -166,8 +175,8 @@ class AttentionPlan:
         return blocks.view(index.shape[0], -1, d)
 
     @classmethod
-    def _decode_groups(cls, dec: list[int], clens: list[int]) -> list[list[int]]:
-        """Decode sequences in groups of similar context length (one group when they are alike)."""
+    def _length_groups(cls, dec: list[int], clens: list[int]) -> list[list[int]]:
+        """Sequences in groups of similar context length (one group when they are alike)."""
         if not dec:
             return []
         lens = [clens[i] for i in dec]
@@ -212,7 +221,7 @@ class AttentionPlan:
                 raise ValueError(f"block_tables have {md.block_tables.shape[1]} columns, {nblk} needed")
             return md.block_tables[seqs, :nblk], nblk * block_size
 
-        for group in cls._decode_groups(dec, clens):
+        for group in cls._length_groups(dec, clens):
             ld = max(clens[i] for i in group)
             if plan.all_decode and len(group) == len(qlens):
                 seqs = torch.arange(len(qlens), device=device)
@@ -225,20 +234,18 @@ class AttentionPlan:
             visible = kpos.unsqueeze(0) < ctx[seqs].unsqueeze(1)
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible, float("-inf"))
             plan.d_groups.append(DecodeGroup(tokens, gather, bias.unsqueeze(1)))
-        if pre:
-            seqs = torch.tensor(pre, dtype=torch.long, device=device)
-            qp = max(qlens[i] for i in pre)
-            lp = max(clens[i] for i in pre)
+        for group in cls._length_groups(pre, clens):
+            seqs = torch.tensor(group, dtype=torch.long, device=device)
+            qp = max(qlens[i] for i in group)
+            lp = max(clens[i] for i in group)
             qlen_t = qsl[seqs + 1] - qsl[seqs]
             j = torch.arange(qp, device=device).unsqueeze(0)
             valid = j < qlen_t.unsqueeze(1)
             jc = torch.minimum(j, qlen_t.unsqueeze(1) - 1)
-            plan.p_tokens = qsl[seqs].unsqueeze(1) + jc
-            plan.p_valid = valid
-            plan.p_valid_flat = valid.reshape(-1)
-            plan.p_tokens_valid = plan.p_tokens[valid]
+            tokens = qsl[seqs].unsqueeze(1) + jc
             qabs = ctx[seqs].unsqueeze(1) - qlen_t.unsqueeze(1) + jc  # absolute position of each query
-            plan.p_gather, lp = gather_index(seqs, lp)
+            gather, lp = gather_index(seqs, lp)
             kpos = torch.arange(lp, device=device)
-            plan.p_mask = (kpos.view(1, 1, lp) <= qabs.unsqueeze(2)).unsqueeze(1)
+            mask = (kpos.view(1, 1, lp) <= qabs.unsqueeze(2)).unsqueeze(1)
+            plan.p_groups.append(PrefillGroup(tokens, valid.reshape(-1), tokens[valid], gather, mask))
         return plan

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.model.attention import AttentionMetadata, AttentionPlan, DecodeGroup
+from raymoe.model.attention import AttentionMetadata, AttentionPlan, DecodeGroup, PrefillGroup
 from raymoe.model.config import ModelConfig
 
 ExpertSubset = Iterable[int] | Mapping[int, Iterable[int]] | None
@@ -190,8 +190,8 @@ class MLA(nn.Module):
             out = x.new_empty(T, h * self.v_head_dim)
             for g in plan.d_groups:
                 out[g.tokens] = self._decode(q_nope[g.tokens], q_pe[g.tokens], source, plan, g)
-            if plan.p_gather is not None:
-                self._prefill(q_nope, q_pe, source, plan, out)
+            for pg in plan.p_groups:
+                self._prefill(q_nope, q_pe, source, plan, pg, out)
         return self.o_proj(out)
 
     def _decode(
@@ -222,31 +222,31 @@ class MLA(nn.Module):
         q_pe: torch.Tensor,
         source: torch.Tensor,
         plan: AttentionPlan,
+        group: PrefillGroup,
         out: torch.Tensor,
     ) -> None:
         """Several queries per sequence: expand the latents to per-head keys/values, causal with cached offset."""
-        assert plan.p_gather is not None and plan.p_tokens is not None and plan.p_valid_flat is not None
         h, dn, dr, r, dv = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank, self.v_head_dim
-        kv = plan.gather(source, plan.p_gather).to(q_nope.dtype)  # [Sp, Lp, r+dr]
+        kv = plan.gather(source, group.gather).to(q_nope.dtype)  # [Sp, Lp, r+dr]
         sp, lp = kv.shape[:2]
-        qp = plan.p_tokens.shape[1]
+        qp = group.tokens.shape[1]
         kvb = self.kv_b_proj(kv[..., :r]).view(sp, lp, h, dn + dv)
         k = torch.cat((kvb[..., :dn], kv[..., r:].unsqueeze(2).expand(sp, lp, h, dr)), dim=-1)
         v = kvb[..., dn:]
-        q = torch.cat((q_nope, q_pe), dim=-1)[plan.p_tokens]  # [Sp, Qp, H, dqk]
+        q = torch.cat((q_nope, q_pe), dim=-1)[group.tokens]  # [Sp, Qp, H, dqk]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if sp * h * qp * lp <= self.PREFILL_SCORES_MAX:
             # small enough to hold all scores: plain matmuls beat SDPA's masked CPU path
-            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.softmax_scale).add_(plan.prefill_bias(q.dtype))
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.softmax_scale).add_(group.bias_as(q.dtype))
             o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.p_mask, scale=self.softmax_scale)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=self.softmax_scale)
         # o: [Sp, H, Qp, dv]
         o = o.transpose(1, 2).reshape(sp * qp, h * dv)
         if sp == 1 and qp == out.shape[0]:
             out.copy_(o)
         else:
-            out[plan.p_tokens_valid] = o[plan.p_valid_flat]
+            out[group.tokens_valid] = o[group.valid_flat]
 
 
 class MLP(nn.Module):
