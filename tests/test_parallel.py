@@ -115,15 +115,24 @@ def test_topology_2x4(unit_2x4: ExpertParallelExecutor) -> None:
     assert all(len(set(row.tolist())) == 64 for row in phy)
     per_gpu = phy.reshape(phy.shape[0], 8, 9)
     assert all(len(set(g.tolist())) == 9 for layer in per_gpu for g in layer)
+    # node-limited: each expert group's replicas all sit on one node
+    assert unit_2x4.placement.regime == "hierarchical"
+    nodes = unit_2x4.placement.nodes_of_experts()  # [layers, experts, nodes]
+    groups = nodes.reshape(nodes.shape[0], 8, 8, 2).any(axis=2)
+    assert (groups.sum(-1) == 1).all()
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-@pytest.mark.parametrize("choice", ["static", "balanced"])
-def test_unit_matches_single_process(unit_2x4: ExpertParallelExecutor, reference: Transformer, overlap: bool, choice: str) -> None:
-    unit_2x4.set_options(overlap=overlap, replica_choice=choice)
+@pytest.mark.parametrize(
+    ("overlap", "choice", "hierarchical"),
+    [(False, "static", True), (True, "balanced", True), (False, "balanced", False), (True, "static", False)],
+)
+def test_unit_matches_single_process(
+    unit_2x4: ExpertParallelExecutor, reference: Transformer, overlap: bool, choice: str, hierarchical: bool
+) -> None:
+    unit_2x4.set_options(overlap=overlap, replica_choice=choice, node_limited=hierarchical)
     check_against_reference(unit_2x4, reference)
     stats = unit_2x4.last_stats
-    assert stats.bytes_intra_node > 0 and stats.busiest_gpu_tokens > 0
+    assert stats.bytes_intra_node > 0 and stats.bytes_inter_node > 0 and stats.busiest_gpu_tokens > 0
     load = unit_2x4.expert_load()
     assert load.shape == (2, 64) and load.sum() > 0
 

@@ -188,16 +188,21 @@ class ExpertParallelExecutor:
                     out[j] += counts[layer].numpy()
         return out
 
-    def set_options(self, *, overlap: bool | None = None, replica_choice: str | None = None) -> None:
-        """Switch overlap / replica choice on a running unit (between steps; every worker at once)."""
+    def set_options(
+        self, *, overlap: bool | None = None, replica_choice: str | None = None, node_limited: bool | None = None
+    ) -> None:
+        """Switch overlap / replica choice / hierarchical exchange on a running unit (between steps, every
+        worker at once; the placement stays as built)."""
         update: dict[str, Any] = {}
+        if node_limited is not None:
+            update["node_limited"] = node_limited
         if overlap is not None:
             update["overlap"] = overlap
         if replica_choice is not None:
             update["replica_choice"] = replica_choice
         self.parallel = ParallelConfig.model_validate({**self.parallel.model_dump(), **update})
         p = self.parallel
-        self._gather([w.set_options.remote(p.overlap, p.replica_choice) for w in self.workers])
+        self._gather([w.set_options.remote(p.overlap, p.replica_choice, p.node_limited) for w in self.workers])
 
     def worker_pids(self) -> list[int]:
         return self._gather([w.pid.remote() for w in self.workers])

@@ -279,9 +279,10 @@ class GPUWorker:
         load, self.ep.load = self.ep.load, {}
         return load
 
-    def set_options(self, overlap: bool, replica_choice: str) -> None:
+    def set_options(self, overlap: bool, replica_choice: str, hierarchical: bool) -> None:
         self.overlap = overlap
         self.ep.replica_choice = replica_choice  # type: ignore[assignment]
+        self.ep.hierarchical = hierarchical and self.topo.nodes > 1
 
     def hosted_experts(self) -> dict[int, list[int]]:
         return {i: layer.mlp.hosted_experts for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)}
