@@ -84,6 +84,9 @@ class UnitConfig(_Strict):
     num_cpus: float = Field(0.1, ge=0, description="CPUs of the replica actor (the unit's driver)")
     node_resource: str | None = Field(None, description="custom resource pinning the replica to a node type")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of a CPU engine; default: Ray's")
+    gil_switch_interval_ms: float = Field(
+        5.0, gt=0, le=100, description="sys.setswitchinterval of the replica process (CPython's default: 5 ms)"
+    )
     engine: EngineSection = Field(default_factory=EngineSection)
 
     @property
@@ -196,6 +199,9 @@ class ServeConfig(_Strict):
     prefill: UnitConfig = Field(default_factory=UnitConfig)
     decode: UnitConfig = Field(default_factory=UnitConfig)
     ingress: IngressSection = Field(default_factory=IngressSection)
+    stream_interval_ms: float = Field(
+        0.0, ge=0, le=1000, description="coalesce a request's streamed tokens over this window (0: every step)"
+    )
     metrics_interval_s: float = Field(1.0, gt=0, description="how often replicas publish their gauges")
 
     def units(self) -> dict[str, UnitConfig]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,9 @@ class EngineServer:
             )
         )
         self.replica = _replica_id()
+        # the engine thread drops the GIL in every torch op and must win it back from the replica's
+        # event loops streaming tokens; a shorter switch interval trades loop latency for step time
+        sys.setswitchinterval(unit.gil_switch_interval_ms / 1000.0)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"raymoe-{self.role}-engine")
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._handoffs: dict[str, KVHandoff] = {}
@@ -95,13 +99,22 @@ class EngineServer:
         self._stats = self.engine.stats()
         self._metrics: Any = None
         self._last_publish = 0.0
+        self._steps = 0
+        self._step_seconds = 0.0
+        self._step_batch = 0
 
     # --- the engine thread ---------------------------------------------------------------------
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         outs = self.engine.step()
+        if self.engine.last_step_ran:
+            dt = time.perf_counter() - t0
+            self._steps += 1
+            self._step_seconds += dt
+            self._step_batch += self._stats.running
         for out in outs:
             if out.finished and self.engine.requests.get(out.request_id) is not None:
                 # a finished prefill_only request keeps its blocks: export them now, or free them
@@ -184,11 +197,20 @@ class EngineServer:
 
     async def _stream(self, request_id: str, q: asyncio.Queue[RequestOutput]) -> AsyncIterator[TokenChunk]:
         finished = False
+        interval = self.config.stream_interval_ms / 1000.0
+        last_sent = time.monotonic()
         try:
             while not finished:
                 outs = [await q.get()]
+                if interval > 0 and not outs[0].finished:
+                    # vLLM's stream interval: one message per request per interval, not per token; each
+                    # message is a Ray streaming item and an SSE event, so this bounds per-token overhead
+                    wait = last_sent + interval - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 while not q.empty():
                     outs.append(q.get_nowait())
+                last_sent = time.monotonic()
                 ids = [t for o in outs for t in o.new_token_ids]
                 last = outs[-1]
                 finished = last.finished
@@ -205,7 +227,15 @@ class EngineServer:
 
     async def stats(self) -> dict[str, Any]:
         s = await self._call(self.engine.stats)
-        return {"role": self.role, "replica": self.replica, "in_flight": len(self._queues), **asdict(s)}
+        return {
+            "role": self.role,
+            "replica": self.replica,
+            "in_flight": len(self._queues),
+            "steps": self._steps,
+            "step_seconds": self._step_seconds,
+            "mean_running_per_step": self._step_batch / max(1, self._steps),
+            **asdict(s),
+        }
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Read by raymoe.serve.routing.EngineLoadRouter (Serve polls it periodically)."""
