@@ -1,0 +1,285 @@
+"""Expert-parallel unit on a simulated cluster vs the single-process engine, and the projection to V3's units.
+
+Measured (2 nodes x 4 simulated GPUs: CPU workers, gloo, one torch thread each; TP2 x DP4, EP8
+with 9 slots per GPU, tiny default checkpoint, float32): median step time of the unit vs the
+single-process reference (`DataParallelRunner`, the same 4 DP ranks run one after the other in one
+process) on the same batches, overlap on vs off (interleaved repeats), hidden-state bytes that
+cross nodes with hierarchical (node-limited) vs flat exchange, and the busiest GPU's (token,
+expert) pairs per MoE layer with balanced vs static replica choice.
+
+Projected (on paper, from V3's shapes, Monte-Carlo group-limited routing): bytes per token over
+IB and NVLink for the 4-node prefill and 40-node decode units, flat vs hierarchical, and per-step
+expert batch sizes. See docs/PARALLEL.md.
+
+    python benchmarks/bench_parallel.py            # prints the tables
+    python benchmarks/bench_parallel.py --write    # also writes them into docs/BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raymoe.engine.executor import ModelInput, SamplingMetadata
+from raymoe.engine.model_runner import DataParallelRunner
+from raymoe.model.tiny import default_checkpoint
+from raymoe.model.weights import load_checkpoint
+from raymoe.parallel.config import ParallelConfig
+from raymoe.parallel.executor import ExpertParallelExecutor
+
+SECTION = "## Expert-parallel runtime"
+BEGIN = "<!-- bench_parallel.py: begin -->"
+END = "<!-- bench_parallel.py: end -->"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+BLOCK, BLOCKS_PER_SEQ = 16, 8
+
+
+def greedy(n: int) -> SamplingMetadata:
+    return SamplingMetadata(
+        temperatures=torch.zeros(n), top_ps=torch.ones(n), top_ks=torch.zeros(n, dtype=torch.long),
+        seeds=[None] * n, output_indices=[0] * n, all_greedy=True, needs_logprobs=False, any_top_p=False,
+        any_top_k=False,
+    )
+
+
+def make_input(tokens: list[list[int]], starts: list[int], first_seq: int) -> ModelInput:
+    """New tokens of sequences first_seq.. (each owns BLOCKS_PER_SEQ blocks) after `starts` cached tokens."""
+    ids, pos, slots, sample = [], [], [], []
+    tables = torch.zeros(len(tokens), BLOCKS_PER_SEQ, dtype=torch.long)
+    for s, (toks, start) in enumerate(zip(tokens, starts, strict=True)):
+        tables[s] = torch.arange(BLOCKS_PER_SEQ) + (first_seq + s) * BLOCKS_PER_SEQ
+        for j, t in enumerate(toks):
+            ids.append(t)
+            pos.append(start + j)
+            slots.append(int(tables[s, (start + j) // BLOCK]) * BLOCK + (start + j) % BLOCK)
+        sample.append(len(ids) - 1)
+    return ModelInput(
+        input_ids=torch.tensor(ids), positions=torch.tensor(pos), query_lens=[len(t) for t in tokens],
+        context_lens=[s + len(t) for t, s in zip(tokens, starts, strict=True)], block_tables=tables,
+        slot_mapping=torch.tensor(slots), sample_indices=torch.tensor(sample), sampling=greedy(len(tokens)),
+    )
+
+
+def batches(dp: int, vocab: int, prefill_seqs: int, prefill_len: int, decode_seqs: int, context: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    warm = [make_input([rand(context) for _ in range(decode_seqs)], [0] * decode_seqs, 0) for _ in range(dp)]
+    decode = [make_input([rand(1) for _ in range(decode_seqs)], [context] * decode_seqs, 0) for _ in range(dp)]
+    prefill = [
+        make_input([rand(prefill_len) for _ in range(prefill_seqs)], [0] * prefill_seqs, decode_seqs) for _ in range(dp)
+    ]
+    return {"warm": warm, "decode": decode, "prefill": prefill}
+
+
+def timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    path = str(default_checkpoint())
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
+    for i in range(2):
+        cluster.add_node(num_cpus=2, num_gpus=4, resources={f"sim_node_{i}": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        cfg = ParallelConfig(nodes=2, gpus_per_node=4, attention_tp=2, slots_per_gpu=9, node_limited=True)
+        n_blocks = (args.decode_seqs + args.prefill_seqs) * BLOCKS_PER_SEQ
+        print(f"bench_parallel: starting a {cfg.nodes}x{cfg.gpus_per_node} unit (TP{cfg.attention_tp}) on a simulated cluster")
+        unit = ExpertParallelExecutor(path, cfg, num_kv_blocks=n_blocks, block_size=BLOCK)
+        model = load_checkpoint(path, progress=False)
+        torch.set_num_threads(1)  # the reference gets one core, like each worker
+        ref = DataParallelRunner(model, unit.dp_size, n_blocks, BLOCK)
+        b = batches(unit.dp_size, model.config.vocab_size, args.prefill_seqs, args.prefill_len, args.decode_seqs, args.context)
+        unit.execute(b["warm"])
+        ref.execute(b["warm"])
+        out: dict[str, Any] = {"config": cfg, "topology": unit.topo.describe(), "tokens": {}}
+        for kind in ("prefill", "decode"):
+            inputs = b[kind]
+            out["tokens"][kind] = sum(i.num_tokens for i in inputs)
+            assert [o.token_ids for o in unit.execute(inputs)] == [o.token_ids for o in ref.execute(inputs)]
+            t_ref, t_off, t_on = [], [], []
+            for _ in range(args.repeats):  # interleaved: the box's noise hits all three alike
+                t_ref.append(timed(lambda inputs=inputs: ref.execute(inputs)))
+                unit.set_options(overlap=False)
+                t_off.append(timed(lambda inputs=inputs: unit.execute(inputs)))
+                unit.set_options(overlap=True)
+                t_on.append(timed(lambda inputs=inputs: unit.execute(inputs)))
+            unit.set_options(overlap=False)
+            traffic = {}
+            for hier in (True, False):
+                unit.set_options(node_limited=hier)
+                unit.execute(inputs)
+                s = unit.last_stats
+                traffic[hier] = (s.bytes_inter_node, s.bytes_intra_node)
+            unit.set_options(node_limited=True)
+            balance = {}
+            for choice in ("static", "balanced"):
+                unit.set_options(replica_choice=choice)
+                unit.execute(inputs)
+                balance[choice] = (unit.last_stats.busiest_gpu_tokens, unit.last_stats.mean_gpu_tokens)
+            out[kind] = {
+                "ref": statistics.median(t_ref),
+                "off": statistics.median(t_off),
+                "on": statistics.median(t_on),
+                "price": statistics.median([a / r for a, r in zip(t_off, t_ref, strict=True)]),
+                "overlap": statistics.median([a / c for a, c in zip(t_off, t_on, strict=True)]),
+                "traffic": traffic,
+                "balance": balance,
+            }
+            print(f"bench_parallel: {kind} done")
+        unit.shutdown()
+        return out
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+# --- projection to DeepSeek-V3's units (on paper) ------------------------------------------------
+
+
+def project(
+    nodes: int, gpn: int, samples: int = 20000, hidden: int = 7168, experts: int = 256, groups: int = 8,
+    topk_group: int = 4, top_k: int = 8, seed: int = 0,
+) -> dict[str, float]:
+    """Per token: rows sent over IB / NVLink for dispatch, flat vs hierarchical, with group-limited routing.
+
+    Placement: experts of a group stay on the nodes of that group (groups packed on nodes when
+    nodes <= groups, else each group over nodes/groups nodes), spread round-robin over GPUs.
+    """
+    rng = np.random.default_rng(seed)
+    world = nodes * gpn
+    per_group = experts // groups
+    if nodes <= groups:
+        node_of_expert = (np.arange(experts) // per_group) * nodes // groups
+        gpu_of_expert = node_of_expert * gpn + (np.arange(experts) % per_group) % gpn
+    else:  # one expert per GPU over the first `experts` GPUs, groups on consecutive nodes
+        gpu_of_expert = np.arange(experts) * (world // experts) if world >= experts else np.arange(experts) % world
+        node_of_expert = gpu_of_expert // gpn
+    ib_flat = nv_flat = ib_hier = nv_hier = 0
+    for _ in range(samples):
+        src = int(rng.integers(world))
+        sn, sl = divmod(src, gpn)
+        gs = rng.choice(groups, topk_group, replace=False)
+        cand = (gs[:, None] * per_group + np.arange(per_group)).reshape(-1)
+        chosen = rng.choice(cand, top_k, replace=False)
+        dst = set(gpu_of_expert[chosen].tolist())
+        dst.discard(src)
+        ib_flat += sum(1 for d in dst if d // gpn != sn)
+        nv_flat += sum(1 for d in dst if d // gpn == sn)
+        for n in {d // gpn for d in dst}:
+            inside = {d for d in dst if d // gpn == n}
+            if n != sn:
+                ib_hier += 1
+            nv_hier += len(inside - {n * gpn + sl})
+    dispatch_bytes = hidden * 1 + hidden // 128 * 4  # FP8 + one float scale per 128 values
+    combine_bytes = hidden * 2  # BF16
+    per = dispatch_bytes + combine_bytes
+    return {
+        "ib_rows_flat": ib_flat / samples, "nv_rows_flat": nv_flat / samples,
+        "ib_rows_hier": ib_hier / samples, "nv_rows_hier": nv_hier / samples,
+        "ib_kb_flat": ib_flat / samples * per / 1024, "nv_kb_flat": nv_flat / samples * per / 1024,
+        "ib_kb_hier": ib_hier / samples * per / 1024, "nv_kb_hier": nv_hier / samples * per / 1024,
+    }
+
+
+def table(m: dict[str, Any] | None, proj: dict[str, dict[str, float]]) -> str:
+    lines = []
+    if m is not None:
+        lines += [
+            f"Measured: {m['topology']}; per step {m['tokens']['prefill']} prefill tokens or "
+            f"{m['tokens']['decode']} decode tokens over the 4 DP ranks; medians of interleaved repeats. "
+            f"{platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__}.",
+            "",
+            "| batch | single-process step | unit step, overlap off | unit step, overlap on | unit / single (paired) | off / on (paired) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for kind in ("prefill", "decode"):
+            r = m[kind]
+            lines.append(
+                f"| {kind} | {r['ref'] * 1e3:.1f} ms | {r['off'] * 1e3:.1f} ms | {r['on'] * 1e3:.1f} ms | "
+                f"{r['price']:.2f}x | {r['overlap']:.2f}x |"
+            )
+        lines += [
+            "",
+            "| batch | bytes across nodes, hierarchical | flat | bytes inside nodes, hierarchical | flat | busiest GPU pairs/layer, static | balanced | mean |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for kind in ("prefill", "decode"):
+            r = m[kind]
+            (hi, hn), (fi, fn) = r["traffic"][True], r["traffic"][False]
+            (bs, mean), (bb, _) = r["balance"]["static"], r["balance"]["balanced"]
+            lines.append(
+                f"| {kind} | {hi / 1024:.0f} KiB | {fi / 1024:.0f} KiB | {hn / 1024:.0f} KiB | {fn / 1024:.0f} KiB | "
+                f"{bs:.0f} | {bb:.0f} | {mean:.0f} |"
+            )
+    lines += [
+        "",
+        "Projected per token (dispatch FP8 + combine BF16 of V3's 7168-wide hidden state; group-limited top-8 routing):",
+        "",
+        "| unit | IB rows flat | IB rows hierarchical | NVLink rows flat | NVLink rows hierarchical | IB KiB flat | IB KiB hierarchical |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, p in proj.items():
+        lines.append(
+            f"| {name} | {p['ib_rows_flat']:.2f} | {p['ib_rows_hier']:.2f} | {p['nv_rows_flat']:.2f} | "
+            f"{p['nv_rows_hier']:.2f} | {p['ib_kb_flat']:.1f} | {p['ib_kb_hier']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs(text: str) -> None:
+    doc = DOCS.read_text()
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in doc:
+        start, end = doc.index(BEGIN), doc.index(END) + len(END)
+        doc = doc[:start] + block + doc[end:]
+    else:
+        head = doc.index(SECTION) + len(SECTION)
+        nxt = doc.find("\n## ", head)
+        body = (
+            "\n\n`python benchmarks/bench_parallel.py --write` (about 3 minutes on the 2-core box).\n\n" + block + "\n"
+        )
+        doc = doc[:head] + body + (doc[nxt:] if nxt >= 0 else "")
+    DOCS.write_text(doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prefill-seqs", type=int, default=2)
+    ap.add_argument("--prefill-len", type=int, default=64)
+    ap.add_argument("--decode-seqs", type=int, default=16)
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--project-only", action="store_true", help="skip the simulated cluster")
+    ap.add_argument("--write", action="store_true", help="write the tables into docs/BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    proj = {"prefill 4 x 8 (EP32)": project(4, 8), "decode 40 x 8 (EP320)": project(40, 8)}
+    m = None if args.project_only else measure(args)
+    text = table(m, proj)
+    print(text)
+    if args.write and m is not None:
+        write_docs(text)
+        print(f"bench_parallel: wrote {DOCS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
