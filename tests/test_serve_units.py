@@ -1,0 +1,97 @@
+"""Serving pieces without a cluster: request parsing, incremental detokenization, routing order, dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from raymoe.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parse_request_names_the_field() -> None:
+    req = parse_request(b'{"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}', CompletionRequest)
+    assert req.single_prompt() == [1, 2, 3]
+    assert req.sampling_params(4).max_tokens == 4
+    with pytest.raises(APIError) as e:
+        parse_request(b'{"model": "m", "prompt": "x", "top_p": 1.5}', CompletionRequest)
+    assert e.value.status == 400 and e.value.param == "top_p"
+    with pytest.raises(APIError) as e:
+        parse_request(b"\xff\xfe", CompletionRequest)
+    assert "not valid JSON" in e.value.message
+    with pytest.raises(APIError) as e:
+        parse_request(b'{"model": "m", "prompt": ["a", "b"]}', CompletionRequest).single_prompt()
+    assert e.value.param == "prompt"
+    with pytest.raises(APIError) as e:
+        parse_request(b'{"model": "m", "prompt": "x", "stop": ["a","b","c","d","e"]}', CompletionRequest)
+    assert e.value.param == "stop"
+    chat = parse_request(
+        json.dumps({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}).encode(),
+        ChatCompletionRequest,
+    )
+    assert chat.messages[0].text() == "hi"
+
+
+def test_detokenizer_holds_partial_characters_and_stop_prefixes() -> None:
+    from raymoe.model.tiny import default_checkpoint
+    from raymoe.model.tokenizer import Tokenizer
+    from raymoe.serve.app import _Detokenizer
+
+    tok = Tokenizer.from_checkpoint(default_checkpoint())
+    assert tok is not None
+    text = "experts über alles, done"
+    ids = tok.encode(text, add_bos=False)
+    d = _Detokenizer(tok, hold=3)
+    streamed = "".join(d.push([t]) for t in ids)
+    assert "\ufffd" not in streamed and text.startswith(streamed) and len(streamed) <= len(text) - 3
+    assert streamed + d.finish(None) == text
+    # a stop string ", d" (hold 2): what was streamed never reaches into the cut-off match
+    d3 = _Detokenizer(tok, hold=2)
+    sent, pushed = "", []
+    for t in ids:  # the chunk completing the stop string finishes the request: it is never pushed
+        pushed.append(t)
+        if ", d" in tok.decode(pushed):
+            break
+        sent += d3.push([t])
+    final = text[: text.index(", d")]
+    assert final.startswith(sent)
+    assert sent + d3.finish(final) == final
+
+
+def test_router_orders_replicas() -> None:
+    from raymoe.serve.routing import EngineLoadRouter
+
+    class Probe(EngineLoadRouter):
+        def __init__(self, policy: str, in_flight: dict[str, int]) -> None:
+            self.initialize_state(policy=policy)
+            self.flights = in_flight
+
+        def _in_flight(self, replica: SimpleNamespace) -> int:  # type: ignore[override]
+            return self.flights[replica.replica_id]
+
+    def rep(name: str, free: int, waiting: int = 0) -> SimpleNamespace:
+        return SimpleNamespace(replica_id=name, routing_stats={"kv_blocks_free": free, "kv_blocks_total": 100, "waiting": waiting})
+
+    a, b, c = rep("a", 2), rep("b", 50, waiting=3), rep("c", 90)
+    kv = Probe("kv_room", {"a": 0, "b": 1, "c": 4})
+    # a has almost no KV room: last despite being idle; then fewest in flight
+    assert [r.replica_id for r in kv.rank([a, b, c])] == ["b", "c", "a"]
+    ll = Probe("least_loaded", {"a": 0, "b": 1, "c": 2})
+    assert [r.replica_id for r in ll.rank([a, b, c])] == ["a", "c", "b"]
+    with pytest.raises(ValueError, match="unknown policy"):
+        Probe("random", {})
+
+
+def test_grafana_dashboard_uses_exported_metrics() -> None:
+    dash = json.loads((ROOT / "grafana/raymoe-serving.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_(raymoe_\w+)", e)}
+    source = (ROOT / "raymoe/serve/metrics.py").read_text()
+    defined = set(re.findall(r'"(raymoe_\w+)"', source))
+    assert used and used <= defined, used - defined
+    assert {"raymoe_ttft_seconds", "raymoe_tpot_seconds", "raymoe_kv_blocks_used", "raymoe_kv_handoff_bytes_total"} <= used
