@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrival rate, requests/s (inf: all at once)")
     p.add_argument("--repeats", type=int, default=1, help="repeat each measurement, report the median-throughput run")
+    p.add_argument("--stream-interval-ms", type=float, default=None, help="override the config's stream_interval_ms")
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads of every engine (same for all modes)")
     p.add_argument(
         "--niceness",
@@ -316,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for mode in http_modes:
                 conf = json.loads(cfg.model_dump_json())
                 conf["disaggregated"] = mode == "disaggregated"
+                if args.stream_interval_ms is not None:
+                    conf["stream_interval_ms"] = args.stream_interval_ms
                 for unit in ("prefill", "decode"):
                     conf[unit]["torch_threads"] = args.torch_threads
                     # the bench measures serving overhead, not admission control

@@ -232,10 +232,6 @@ def check_config(config: ServeConfig, *, inspect_checkpoint: bool = True) -> lis
         experts = found or experts
     for label, unit in config.units().items():
         problems.extend(unit.problems(label if config.disaggregated else "decode", experts))
-    if config.disaggregated:
-        p, d = config.prefill, config.decode
-        if (p.gpus_per_node == 0) != (d.gpus_per_node == 0):
-            problems.append("prefill/decode: one unit is on CPU and the other on GPUs; the KV handoff needs the same dtype/device kind")
     return problems
 
 
