@@ -23,6 +23,13 @@ PROMPTS = ["Hello there", "The quick brown fox jumps over", "a", "MoE on Ray: ex
 def test_config_errors() -> None:
     with pytest.raises(ValueError, match="attention_tp=3 must divide gpus_per_node=4"):
         ParallelConfig(nodes=2, gpus_per_node=4, attention_tp=3)
+    with pytest.raises(ValueError, match="attention_dp=3 but 8 GPUs / attention_tp=2 = 4"):
+        ParallelConfig(nodes=2, gpus_per_node=4, attention_tp=2, attention_dp=3)
+    # the serving layer's unit spec is accepted as is
+    ParallelConfig.model_validate(
+        {"nodes": 2, "gpus_per_node": 4, "attention_tp": 2, "attention_dp": 4, "expert_parallel": 8,
+         "redundant_experts": 8, "shared_expert_gpus": 0, "node_resource": None}
+    )
     cfg = ModelConfig.from_checkpoint(default_checkpoint())
     with pytest.raises(ValueError, match="cannot hold 64 routed experts"):
         Topology.from_config(ParallelConfig(nodes=1, gpus_per_node=2, slots_per_gpu=8), cfg)

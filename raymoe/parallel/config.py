@@ -31,6 +31,12 @@ class ParallelConfig(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA + NCCL when the worker sees a GPU")
     ray_address: str | None = Field(None, description="Ray cluster to join when Ray is not initialised ('auto' or an address)")
+    attention_dp: int | None = Field(None, ge=1, description="derived (GPUs / TP); checked when given")
+    expert_parallel: int | None = Field(None, ge=1, description="derived (all GPUs); checked when given")
+    shared_expert_gpus: int = Field(
+        0, ge=0, description="decode layout: GPUs hosting the shared + redundant experts (not supported yet: must be 0)"
+    )
+    node_resource: str | None = Field(None, description="custom resource every worker bundle asks a sliver of (node type)")
     worker_cpus: float = Field(0.0, ge=0, description="CPUs each worker actor reserves (GPU workers mostly wait)")
     collective_timeout_s: float = Field(120.0, gt=0, description="a collective that waits longer fails the step")
     step_timeout_s: float = Field(300.0, gt=0, description="a step whose workers do not answer in time fails the unit")
@@ -41,6 +47,18 @@ class ParallelConfig(BaseModel):
             raise ValueError(
                 f"attention_tp={self.attention_tp} must divide gpus_per_node={self.gpus_per_node} "
                 "(an attention group never spans nodes)"
+            )
+        if self.attention_dp is not None and self.attention_dp != self.dp_size:
+            raise ValueError(
+                f"attention_dp={self.attention_dp} but {self.world_size} GPUs / attention_tp={self.attention_tp} "
+                f"= {self.dp_size}"
+            )
+        if self.expert_parallel is not None and self.expert_parallel != self.world_size:
+            raise ValueError(f"expert_parallel={self.expert_parallel} but the unit has {self.world_size} GPUs")
+        if self.shared_expert_gpus:
+            raise ValueError(
+                f"shared_expert_gpus={self.shared_expert_gpus}: dedicated shared/redundant-expert GPUs are not "
+                "supported yet; the shared expert runs next to the routed ones on every attention rank (use 0)"
             )
         return self
 

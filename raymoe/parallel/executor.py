@@ -58,6 +58,29 @@ class StepStats:
         return out
 
 
+class _UnitMetrics:
+    """The unit's exchange counters as Ray metrics (dashboard, Prometheus): bytes per link kind, expert batch."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self.bytes = metrics.Counter(
+            "raymoe_ep_exchange_bytes", "hidden-state bytes sent by dispatch + combine", tag_keys=("link",)
+        )
+        self.busiest = metrics.Gauge(
+            "raymoe_ep_busiest_gpu_tokens", "busiest GPU's (token, expert) pairs per MoE layer in the last step"
+        )
+        self.steps = metrics.Counter("raymoe_ep_steps", "steps run by expert-parallel units")
+
+    def record(self, s: StepStats) -> None:
+        if s.bytes_inter_node:
+            self.bytes.inc(s.bytes_inter_node, tags={"link": "inter_node"})
+        if s.bytes_intra_node:
+            self.bytes.inc(s.bytes_intra_node, tags={"link": "intra_node"})
+        self.busiest.set(s.busiest_gpu_tokens)
+        self.steps.inc()
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
@@ -79,6 +102,8 @@ def initial_placement(topo: Topology, model: ModelConfig, node_limited: bool, lo
 
 class ExpertParallelExecutor:
     """Runs the engine's steps on one deployment unit of `nodes x gpus_per_node` worker actors."""
+
+    FAILURE_GRACE_S = 5.0  # after a failed call, how long to wait for the others to say which worker died
 
     def __init__(
         self,
@@ -104,6 +129,7 @@ class ExpertParallelExecutor:
         self._num_kv_blocks, self._block_size = num_kv_blocks, block_size
         self._failure: str | None = None
         self.last_stats = StepStats()
+        self._metrics: _UnitMetrics | None = None
         self._store = torch.distributed.TCPStore(
             "0.0.0.0", _free_port(), is_master=True, wait_for_workers=False,
             timeout=timedelta(seconds=parallel.collective_timeout_s),
@@ -111,7 +137,10 @@ class ExpertParallelExecutor:
         host = ray.util.get_node_ip_address()
         unit_id = f"raymoe-unit-{uuid.uuid4().hex[:8]}/"
         g = self.topo.gpus_per_node
-        self.pgs = [placement_group([{"GPU": 1}] * g, strategy="STRICT_PACK") for _ in range(self.topo.nodes)]
+        bundle: dict[str, float] = {"GPU": 1}
+        if parallel.node_resource:
+            bundle[parallel.node_resource] = 0.001
+        self.pgs = [placement_group([dict(bundle)] * g, strategy="STRICT_PACK") for _ in range(self.topo.nodes)]
         ready = [pg.ready() for pg in self.pgs]
         done, _ = ray.wait(ready, num_returns=len(ready), timeout=parallel.step_timeout_s)
         if len(done) < len(ready):
@@ -224,10 +253,13 @@ class ExpertParallelExecutor:
         ]
         results: list[WorkerStepResult] = self._gather(calls)
         self.last_stats = StepStats.from_workers([r.stats for r in results], [r.seconds for r in results])
+        if self._metrics is None:
+            self._metrics = _UnitMetrics()
+        self._metrics.record(self.last_stats)
         return [results[self.topo.attention_group(d)[0]].output for d in range(self.dp_size)]
 
     def _gather(self, refs: list[Any]) -> list[Any]:
-        """ray.get of one call per worker that fails at the first dead worker instead of waiting on the others."""
+        """ray.get of one call per worker that fails at the first failed worker instead of waiting on the others."""
         import ray
 
         if self._failure is not None:
@@ -240,14 +272,31 @@ class ExpertParallelExecutor:
             if not ready:
                 self._fail(f"no answer from {len(pending)} worker(s) within step_timeout_s={self.parallel.step_timeout_s}")
             for ref in ready:
-                i = index[ref]
                 try:
-                    out[i] = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    self._fail(f"worker {self._where(i, len(refs))} died ({type(e).__name__})")
-                except ray.exceptions.RayTaskError as e:
-                    self._fail(f"worker {self._where(i, len(refs))} failed: {e.cause!r}")
+                    out[index[ref]] = ray.get(ref)
+                except ray.exceptions.RayError:
+                    self._fail(self._diagnose(ref, pending, index, len(refs)))
         return out
+
+    def _diagnose(self, first: Any, pending: list[Any], index: dict[Any, int], n: int) -> str:
+        """Name the dead worker: its peers' collectives fail too, often first; wait briefly for the real cause."""
+        import ray
+
+        failed = [first]
+        if pending:
+            more, _ = ray.wait(pending, num_returns=len(pending), timeout=self.FAILURE_GRACE_S)
+            failed += more
+        died, errors = [], []
+        for ref in failed:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                died.append(f"worker {self._where(index[ref], n)} died ({type(e).__name__})")
+            except ray.exceptions.RayTaskError as e:
+                errors.append(f"worker {self._where(index[ref], n)} failed: {e.cause!r}")
+        if died:
+            return "; ".join(died) + (f" ({len(errors)} peer(s) failed after it)" if errors else "")
+        return errors[0] if errors else "a worker failed"
 
     def _where(self, i: int, n: int) -> str:
         if n != self.topo.world_size:
