@@ -18,6 +18,13 @@ GPUS_PER_SIM_NODE = 4
 SIM_NODES = 2
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread: on a 2-core box shared with Ray workers, two threads stall 3-10x."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @dataclass(frozen=True)
 class RayTestCluster:
     address: str
