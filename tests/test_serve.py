@@ -230,7 +230,12 @@ def test_client_disconnect_cancels_and_frees_kv(server: str) -> None:
     deadline = time.monotonic() + 20
     while True:
         s = _stats(server)
-        if s["decode"]["kv_blocks_used"] == 0 and s["decode"]["in_flight"] == 0 and s["decode"]["running"] == 0:
+        if (
+            s["decode"]["kv_blocks_used"] == 0
+            and s["decode"]["in_flight"] == 0
+            and s["decode"]["running"] == 0
+            and s["prefill"]["pinned_kv_handoffs"] == 0  # released once decode had the KV
+        ):
             break
         assert time.monotonic() < deadline, s
         time.sleep(0.2)

@@ -170,6 +170,10 @@ class OpenAIIngress:
             return APIError(400, msg.split("RequestRejected: ")[-1], code="request_rejected")
         return None
 
+    def _release(self, ticket: Any) -> None:
+        assert self.prefill is not None
+        self.prefill.release.remote(ticket.request_id, replica=ticket.source_replica)
+
     async def _events(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
         """The request's token chunks, from prefill then decode (or one unit); errors as APIError."""
         try:
@@ -184,16 +188,23 @@ class OpenAIIngress:
                 yield TokenChunk([res.first_token_id], res.finished, res.finish_reason, res.text)
                 if res.finished:
                     return
-                gen = self.decode.decode.remote(rid, res.ticket, params)
+                ticket = res.ticket
+                gen = self.decode.decode.remote(rid, ticket, params)
             else:
                 assert self.llm is not None
+                ticket = None
                 gen = self.llm.generate.remote(rid, prompt, params)
             done = False
             try:
                 async for chunk in gen:
+                    if ticket is not None:  # decode holds the KV now: the prefill replica may drop it
+                        self._release(ticket)
+                        ticket = None
                     done = chunk.finished
                     yield chunk
             finally:
+                if ticket is not None:
+                    self._release(ticket)
                 if not done:
                     gen.cancel()  # the client went away: the replica aborts the request, KV freed
         except Exception as exc:

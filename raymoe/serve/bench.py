@@ -260,61 +260,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"concurrency {levels}, modes {modes}",
         flush=True,
     )
-    rows: list[dict[str, Any]] = []
+    warm, _ = make_workload(2, args.prompt_len, vocab, 10_000, float("inf"))
+    runners: dict[str, Any] = {}  # mode -> fn(prompts, arrivals, concurrency) -> RunResult
+    cleanup: list[Any] = []
+    try:
+        if "engine" in modes:
+            from raymoe.engine.llm_engine import EngineConfig, LLMEngine
 
-    def measure(fn: Any, mode: str, c: int) -> None:
-        runs = [fn() for _ in range(args.repeats)]
-        runs.sort(key=lambda r: r.summary()["out_tok_per_s"])
-        s = runs[len(runs) // 2].summary()
-        rows.append(s)
-        print(
-            f"raymoe bench: {mode:13s} C={c:<3d} {s['out_tok_per_s']:8.1f} tok/s  TTFT p50 {s['ttft_p50_ms']:.0f} ms  "
-            f"TPOT p50 {s['tpot_p50_ms']:.1f} ms",
-            flush=True,
-        )
-
-    if "engine" in modes:
-        from raymoe.engine.llm_engine import EngineConfig, LLMEngine
-
-        torch.set_num_threads(args.torch_threads)
-        e = cfg.decode.engine
-        engine = LLMEngine(
-            EngineConfig(
-                model=model_path,
-                dtype=cfg.model.dtype,
-                device=cfg.model.device,
-                max_model_len=cfg.model.max_model_len,
-                kv_cache_tokens=e.kv_cache_tokens,
-                block_size=e.block_size,
-                max_num_seqs=e.max_num_seqs,
-                max_num_batched_tokens=e.max_num_batched_tokens,
-                enable_prefix_caching=e.enable_prefix_caching,
+            torch.set_num_threads(args.torch_threads)
+            e = cfg.decode.engine
+            engine = LLMEngine(
+                EngineConfig(
+                    model=model_path,
+                    dtype=cfg.model.dtype,
+                    device=cfg.model.device,
+                    max_model_len=cfg.model.max_model_len,
+                    kv_cache_tokens=e.kv_cache_tokens,
+                    block_size=e.block_size,
+                    max_num_seqs=e.max_num_seqs,
+                    max_num_batched_tokens=e.max_num_batched_tokens,
+                    enable_prefix_caching=e.enable_prefix_caching,
+                )
             )
-        )
-        warm, _ = make_workload(2, args.prompt_len, vocab, 10_000, float("inf"))
-        run_engine(engine, warm, [0.0, 0.0], args.max_tokens, 2, "warm")
-        for c in levels:
-            prompts, arrivals = workloads[c]
-            measure(lambda p=prompts, a=arrivals, c=c: run_engine(engine, p, a, args.max_tokens, c, f"c{c}-{time.time()}"), "engine", c)
-        engine.shutdown()
+            cleanup.append(engine.shutdown)
+            counter = iter(range(10**9))
+            runners["engine"] = lambda p, a, c: run_engine(engine, p, a, args.max_tokens, c, f"r{next(counter)}")
+        http_modes = [m for m in modes if m != "engine"]
+        if http_modes and args.url:
+            runners["http"] = lambda p, a, c: run_http(args.url, model, p, a, args.max_tokens, c, "http")
+        elif http_modes:
+            import ray
+            from ray import serve
 
-    http_modes = [m for m in modes if m != "engine"]
-    if http_modes and args.url:
-        for c in levels:
-            prompts, arrivals = workloads[c]
-            measure(lambda p=prompts, a=arrivals, c=c: run_http(args.url, model, p, a, args.max_tokens, c, "http"), "http", c)
-    elif http_modes:
-        import ray
-        from ray import serve
+            from raymoe.serve.app import build_app
 
-        from raymoe.serve.app import build_app
-
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for mode in http_modes:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            cleanup.append(ray.shutdown)
+            port = _free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            cleanup.append(serve.shutdown)
+            for mode in http_modes:  # all apps up at once, so their runs interleave with the engine's
                 conf = json.loads(cfg.model_dump_json())
                 conf["disaggregated"] = mode == "disaggregated"
                 if args.stream_interval_ms is not None:
@@ -323,19 +308,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                     conf[unit]["torch_threads"] = args.torch_threads
                     # the bench measures serving overhead, not admission control
                     conf[unit]["max_waiting_requests"] = max(conf[unit]["max_waiting_requests"], max(levels) * 4)
+                url = f"http://127.0.0.1:{port}/{mode}"
                 print(f"raymoe bench: starting the {mode} app at {url}", flush=True)
-                serve.run(build_app(conf), name="raymoe-bench", route_prefix="/")
-                warm, _ = make_workload(2, args.prompt_len, vocab, 10_000, float("inf"))
-                run_http(url, model, warm, [0.0, 0.0], args.max_tokens, 2, mode)
-                for c in levels:
-                    prompts, arrivals = workloads[c]
-                    measure(
-                        lambda p=prompts, a=arrivals, c=c, m=mode: run_http(url, model, p, a, args.max_tokens, c, m), mode, c
-                    )
-                serve.delete("raymoe-bench")
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+                serve.run(build_app(conf), name=f"raymoe-bench-{mode}", route_prefix=f"/{mode}")
+                runners[mode] = lambda p, a, c, u=url, m=mode: run_http(u, model, p, a, args.max_tokens, c, m)
+        for fn in runners.values():
+            fn(warm, [0.0, 0.0], 2)
+
+        rows: list[dict[str, Any]] = []
+        for c in levels:
+            prompts, arrivals = workloads[c]
+            runs: dict[str, list[RunResult]] = {m: [] for m in runners}
+            for _ in range(args.repeats):  # round-robin: drift on a shared machine hits every mode alike
+                for mode, fn in runners.items():
+                    runs[mode].append(fn(prompts, arrivals, c))
+            for mode, rs in runs.items():
+                rs.sort(key=lambda r: r.summary()["out_tok_per_s"])
+                sm = rs[len(rs) // 2].summary()
+                rows.append(sm)
+                print(
+                    f"raymoe bench: {mode:13s} C={c:<3d} {sm['out_tok_per_s']:8.1f} tok/s  "
+                    f"TTFT p50 {sm['ttft_p50_ms']:.0f} ms  TPOT p50 {sm['tpot_p50_ms']:.1f} ms",
+                    flush=True,
+                )
+    finally:
+        for fn in reversed(cleanup):
+            fn()
 
     rows.sort(key=lambda r: (r["concurrency"], ["engine", "unified", "disaggregated", "http"].index(r["mode"])))
     print(_table(rows))

@@ -199,6 +199,9 @@ class ServeConfig(_Strict):
     prefill: UnitConfig = Field(default_factory=UnitConfig)
     decode: UnitConfig = Field(default_factory=UnitConfig)
     ingress: IngressSection = Field(default_factory=IngressSection)
+    kv_ticket_ttl_s: float = Field(
+        60.0, gt=0, description="a prefill replica drops handed-off KV that decode never confirmed after this long"
+    )
     stream_interval_ms: float = Field(
         0.0, ge=0, le=1000, description="coalesce a request's streamed tokens over this window (0: every step)"
     )

@@ -29,25 +29,32 @@ class KVTicket:
     prompt_len: int
     sent_at: float  # wall clock on the prefill side
     ref: Any  # transport-specific locator (an ObjectRef for the object store)
+    source_replica: str = ""  # the prefill replica that holds the KV until released
 
 
 class KVTransport(Protocol):
     name: str
 
-    def send(self, handoff: KVHandoff) -> KVTicket: ...
+    def send(self, handoff: KVHandoff, source_replica: str = "") -> KVTicket: ...
 
     async def receive(self, ticket: KVTicket) -> KVHandoff: ...
 
 
 class ObjectStoreTransport:
-    """The portable path: `ray.put` on the prefill replica, `await ref` on the decode replica."""
+    """The portable path: `ray.put` on the prefill replica, `await ref` on the decode replica.
+
+    The prefill replica owns the object and must keep its ObjectRef alive until decode has it: a
+    ref nested in a Serve response is not reliably borrowed (Ray frees it when the owner drops it),
+    so the sender pins it (`PrefillServer` releases it when the ingress says decode has started,
+    or after a TTL).
+    """
 
     name = "object_store"
 
-    def send(self, handoff: KVHandoff) -> KVTicket:
+    def send(self, handoff: KVHandoff, source_replica: str = "") -> KVTicket:
         nbytes = handoff.kv.element_size() * handoff.kv.nelement()
         ref = ray.put(handoff)
-        return KVTicket(self.name, handoff.request_id, nbytes, handoff.prompt_len, time.time(), ref)
+        return KVTicket(self.name, handoff.request_id, nbytes, handoff.prompt_len, time.time(), ref, source_replica)
 
     async def receive(self, ticket: KVTicket) -> KVHandoff:
         if ticket.transport != self.name:

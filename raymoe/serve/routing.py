@@ -8,6 +8,7 @@ the router ranks the candidate replicas with it and with its own count of reques
   then fewest requests in flight, then most free KV.
 
 Stats are refreshed every `request_routing_stats_period_s`; the in-flight count covers the gap.
+A call with a `replica=` keyword goes to that replica (releasing KV a prefill replica pinned).
 """
 
 from __future__ import annotations
@@ -43,4 +44,9 @@ class EngineLoadRouter(RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        target = pending_request.kwargs.get("replica") if pending_request is not None else None
+        if target:  # a call about state one replica holds (PrefillServer.release)
+            exact = [r for r in candidate_replicas if r.replica_id.unique_id == target]
+            if exact:
+                return [exact]
         return [[r] for r in self.rank(candidate_replicas)]

@@ -52,7 +52,7 @@ def _replica_id() -> str:
     try:
         from ray import serve
 
-        return serve.get_replica_context().replica_tag
+        return serve.get_replica_context().replica_id.unique_id
     except Exception:
         return "local"
 
@@ -228,6 +228,7 @@ class EngineServer:
     async def stats(self) -> dict[str, Any]:
         s = await self._call(self.engine.stats)
         return {
+            "pinned_kv_handoffs": len(getattr(self, "_pinned", ())),
             "role": self.role,
             "replica": self.replica,
             "in_flight": len(self._queues),
@@ -264,6 +265,20 @@ class PrefillServer(EngineServer):
     def __init__(self, config: dict[str, Any] | ServeConfig) -> None:
         super().__init__(config)
         self.transport = make_transport(self.config.kv_transport)
+        self._pinned: dict[str, tuple[KVTicket, float]] = {}  # request id -> (ticket, expiry)
+
+    def _pin(self, ticket: KVTicket) -> None:
+        now = time.monotonic()
+        for rid in [r for r, (_, exp) in self._pinned.items() if exp < now]:
+            del self._pinned[rid]  # decode never picked it up (or the release was lost)
+        self._pinned[ticket.request_id] = (ticket, now + self.config.kv_ticket_ttl_s)
+
+    async def release(self, request_id: str, replica: str = "") -> bool:
+        """Drop a handed-off request's KV (decode has it, or the request is gone); routed by `replica`."""
+        return self._pinned.pop(request_id, None) is not None
+
+    def pinned(self) -> int:
+        return len(self._pinned)
 
     def _add_prefill_only(self, request_id: str, prompt: list[int], params: SamplingParams) -> int:
         return self.engine.add_request(request_id, prompt, params, prefill_only=True)
@@ -281,7 +296,8 @@ class PrefillServer(EngineServer):
         token = out.new_token_ids[0]
         if out.finish_reason == "prefill":
             assert handoff is not None
-            ticket = self.transport.send(handoff)
+            ticket = self.transport.send(handoff, self.replica)
+            self._pin(ticket)
             return PrefillResult(token, False, None, None, out.prompt_len, ticket)
         return PrefillResult(token, True, out.finish_reason, out.text, out.prompt_len, None)
 

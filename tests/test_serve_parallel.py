@@ -1,0 +1,59 @@
+"""A Serve replica that is a multi-GPU deployment unit: the serve layer passes the unit shape through.
+
+The non-disaggregated app with a decode unit of 1 node x 2 simulated GPUs (attention DP2, EP2):
+the replica's engine drives the expert-parallel runtime's worker actors; answers match the
+single-process engine token for token.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ep_server(ray_cluster: Any) -> Any:
+    from ray import serve
+
+    from raymoe.serve.app import build_app
+
+    doc = yaml.safe_load((ROOT / "deployments/local.yaml").read_text())
+    args = doc["applications"][0]["args"]
+    args["disaggregated"] = False
+    args["decode"].update(nodes=1, gpus_per_node=2, attention_tp=1, num_cpus=0.1, torch_threads=1)
+    args["decode"]["engine"].update(kv_cache_tokens=2048, max_num_seqs=8)
+    args["ingress"]["num_cpus"] = 0.05
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="raymoe-ep", route_prefix="/ep")
+        yield f"http://127.0.0.1:{port}/ep"
+    finally:
+        serve.delete("raymoe-ep")
+        serve.shutdown()
+
+
+def test_expert_parallel_unit_behind_the_same_api(ep_server: str) -> None:
+    from raymoe import LLM, SamplingParams
+    from raymoe.model.tiny import default_checkpoint
+
+    prompt = "Experts on two GPUs"
+    ref = LLM(model=default_checkpoint(), max_model_len=2048, kv_cache_tokens=2048).generate(
+        [prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False
+    )[0]
+    body = {"model": "tiny-deepseek-v3", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    r = httpx.post(f"{ep_server}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == ref.token_ids
+    stats = httpx.get(f"{ep_server}/v1/stats", timeout=30).json()["llm"]
+    assert stats["dp_size"] == 2 and stats["kv_blocks_used"] == 0
