@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,6 +136,27 @@ def test_unit_matches_single_process(
     assert stats.bytes_intra_node > 0 and stats.bytes_inter_node > 0 and stats.busiest_gpu_tokens > 0
     load = unit_2x4.expert_load()
     assert load.shape == (2, 64) and load.sum() > 0
+
+
+def test_placement_update_keeps_results(unit_2x4: ExpertParallelExecutor, reference: Transformer) -> None:
+    """Hot experts (a skewed load) get more replicas: workers load them, switch together, results unchanged."""
+    from raymoe.eplb.policy import rebalance
+
+    old = unit_2x4.placement
+    load = np.ones((2, 64))
+    hot = [np.flatnonzero(old.replica_count[j] == 1)[:4] for j in range(2)]  # experts without a copy yet
+    for j in range(2):
+        load[j, hot[j]] = 40.0
+    new = rebalance(load, 2, 4, 9, 8, previous=old)
+    assert all((new.replica_count[j, hot[j]] > 1).all() for j in range(2))
+    loaded = unit_2x4.update_placement(new)
+    assert 0 < loaded <= new.num_moves_from(old)  # a slot may change to an expert its GPU already holds
+    hosted = unit_2x4._gather([w.hosted_experts.remote() for w in unit_2x4.workers])
+    for r, h in enumerate(hosted):
+        for j, layer in enumerate(unit_2x4.model_config.moe_layers):
+            assert h[layer] == sorted(set(new.phy2log[j, r * 9 : (r + 1) * 9].tolist()))
+    unit_2x4.set_options(overlap=False, replica_choice="balanced", node_limited=True)
+    check_against_reference(unit_2x4, reference, steps=1)
 
 
 def test_dead_worker_fails_fast(unit_2x4: ExpertParallelExecutor) -> None:

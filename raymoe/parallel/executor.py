@@ -217,6 +217,28 @@ class ExpertParallelExecutor:
                     out[j] += counts[layer].numpy()
         return out
 
+    def update_placement(self, placement: Any) -> int:
+        """Move to a new expert placement (e.g. `rebalance(expert_load(), ..., previous=placement)`).
+
+        Two phases between steps: every worker first reads the experts it gains (staged beside the
+        running ones), then all switch their maps together, so every rank dispatches with the same
+        plan at the same step. Returns the number of expert copies loaded.
+        """
+        old = self.placement
+        if (placement.num_nodes, placement.gpus_per_node, placement.slots_per_gpu) != (
+            old.num_nodes, old.gpus_per_node, old.slots_per_gpu
+        ) or placement.phy2log.shape != old.phy2log.shape or placement.num_experts != old.num_experts:
+            raise ValueError(
+                f"placement: shape {placement.num_nodes}x{placement.gpus_per_node}x{placement.slots_per_gpu} "
+                f"{tuple(placement.phy2log.shape)} does not match the unit's "
+                f"{old.num_nodes}x{old.gpus_per_node}x{old.slots_per_gpu} {tuple(old.phy2log.shape)}"
+            )
+        args = (placement.phy2log, placement.log2phy, placement.replica_count)
+        loaded = sum(self._gather([w.stage_placement.remote(*args) for w in self.workers]))
+        self._gather([w.commit_placement.remote() for w in self.workers])
+        self.placement = placement
+        return int(loaded)
+
     def set_options(
         self, *, overlap: bool | None = None, replica_choice: str | None = None, node_limited: bool | None = None
     ) -> None:

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from raymoe.engine.executor import ModelInput, SamplerOutput
 from raymoe.engine.sampler import Sampler
 from raymoe.model.config import ModelConfig
-from raymoe.model.deepseek_v3 import MLA, MoE, Transformer
-from raymoe.model.weights import load_checkpoint
+from raymoe.model.deepseek_v3 import MLA, MLP, MoE, Transformer
+from raymoe.model.weights import CheckpointReader, _block_size, checkpoint_name, load_checkpoint, read_tensor
 from raymoe.parallel.dispatch import EPContext, LayerStats, Step, Works, moe_dispatch_combine
 from raymoe.parallel.topology import Topology
 
@@ -191,9 +191,9 @@ class GPUWorker:
             node_group=self.node_group,
             hierarchical=self.hierarchical,
             replica_choice=self.replica_choice,  # type: ignore[arg-type]
-            log2phy={layer: torch.as_tensor(self.log2phy[j]) for j, layer in enumerate(moe_layers)},
-            replica_count={layer: torch.as_tensor(self.replica_count[j]) for j, layer in enumerate(moe_layers)},
-            phy2log_local={layer: torch.as_tensor(self.phy2log[j, mine]) for j, layer in enumerate(moe_layers)},
+            log2phy={layer: torch.tensor(self.log2phy[j]) for j, layer in enumerate(moe_layers)},
+            replica_count={layer: torch.tensor(self.replica_count[j]) for j, layer in enumerate(moe_layers)},
+            phy2log_local={layer: torch.tensor(self.phy2log[j, mine]) for j, layer in enumerate(moe_layers)},
         )
         return f"rank {rank}: node {topo.node_of(rank)} GPU {topo.local_of(rank)}, {backend}, {self.device}"
 
@@ -278,6 +278,54 @@ class GPUWorker:
         """Routed assignments per logical expert per MoE layer counted by this rank since the last call."""
         load, self.ep.load = self.ep.load, {}
         return load
+
+    def _hosted_plan(self, phy2log: np.ndarray) -> dict[int, list[int]]:
+        spg = self.topo.slots_per_gpu
+        mine = slice(self.rank * spg, (self.rank + 1) * spg)
+        return {layer: sorted(set(phy2log[j, mine].tolist())) for j, layer in enumerate(self.config.moe_layers)}
+
+    def stage_placement(self, phy2log: np.ndarray, log2phy: np.ndarray, replica_count: np.ndarray) -> int:
+        """Read the experts this GPU gains under a new plan into side modules; the running maps are untouched."""
+        cfg, dt = self.config, self.kv_cache.dtype
+        reader = CheckpointReader(self.model_path)
+        block = _block_size(cfg)
+        staged: dict[tuple[int, int], MLP] = {}
+        try:
+            for layer, ids in self._hosted_plan(phy2log).items():
+                moe = self.model.layers[layer].mlp
+                for e in set(ids) - set(moe.hosted_experts):
+                    m = MLP(cfg.hidden_size, cfg.moe_intermediate_size, fuse=False).to(device=self.device, dtype=dt)
+                    for name, p in m.named_parameters():
+                        full = checkpoint_name(f"layers.{layer}.mlp.experts.{e}.{name}")
+                        with torch.no_grad():
+                            p.copy_(read_tensor(reader, full, tuple(p.shape), block, device=self.device).to(dt))
+                    staged[(layer, e)] = m.eval().requires_grad_(False)
+        finally:
+            reader.close()
+        self._staged = (staged, phy2log, log2phy, replica_count)
+        return len(staged)
+
+    def commit_placement(self) -> None:
+        """Switch to the staged plan: new experts in, dropped ones out, dispatch maps replaced (between steps)."""
+        staged, phy2log, log2phy, replica_count = self._staged
+        plan = self._hosted_plan(phy2log)
+        for layer, ids in plan.items():
+            moe = self.model.layers[layer].mlp
+            keep = set(ids)
+            for e in moe.hosted_experts:
+                if e not in keep:
+                    moe.experts[e] = None
+            for e in ids:
+                if moe.experts[e] is None:
+                    moe.experts[e] = staged[(layer, e)]
+        spg = self.topo.slots_per_gpu
+        mine = slice(self.rank * spg, (self.rank + 1) * spg)
+        self.phy2log, self.log2phy, self.replica_count = phy2log, log2phy, replica_count
+        for j, layer in enumerate(self.config.moe_layers):
+            self.ep.log2phy[layer] = torch.tensor(log2phy[j])
+            self.ep.replica_count[layer] = torch.tensor(replica_count[j])
+            self.ep.phy2log_local[layer] = torch.tensor(phy2log[j, mine])
+        self._staged = None
 
     def set_options(self, overlap: bool, replica_choice: str, hierarchical: bool) -> None:
         self.overlap = overlap
