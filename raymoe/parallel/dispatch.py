@@ -146,14 +146,25 @@ def _a2a(tensors: list[torch.Tensor], send: list[int], recv: list[int], group: A
 def _send_rows(
     ctx: EPContext, layer: int, x: torch.Tensor, pairs: Pairs, group: Any, group_ranks: list[int] | None
 ) -> Step:
-    """Dispatch rows x[pairs.src_row] with their slots/weights; returns (rows, slots, weights, recv counts)."""
+    """Dispatch rows x[pairs.src_row] with their slots/weights; returns (rows, slots, weights, recv counts).
+
+    Hidden state and metadata travel as one byte row per pair (one all-to-all, whatever the dtype).
+    """
     recv = _exchange_counts(pairs.counts, group)
     meta = torch.cat((pairs.weights, pairs.slots.to(torch.float32)), dim=1)  # slot ids < 2**24: exact in float32
     payload = x.index_select(0, pairs.src_row.to(x.device))
-    ctx.record_send(layer, pairs.counts, group_ranks, x.shape[1] * x.element_size())
-    rows, meta_in = yield from _a2a([payload, meta.to(x.device)], pairs.counts, recv, group)
+    n, dim = payload.shape
     k = pairs.slots.shape[1]
-    return rows, meta_in[:, k:].round().long(), meta_in[:, :k].float(), recv
+    packed = torch.cat(
+        (payload.view(torch.uint8).view(n, dim * x.element_size()), meta.to(x.device).view(torch.uint8).view(n, 8 * k)),
+        dim=1,
+    )
+    ctx.record_send(layer, pairs.counts, group_ranks, dim * x.element_size())
+    (got,) = yield from _a2a([packed], pairs.counts, recv, group)
+    hidden_bytes = dim * x.element_size()
+    rows = got[:, :hidden_bytes].contiguous().view(x.dtype)
+    meta_in = got[:, hidden_bytes:].contiguous().view(torch.float32)
+    return rows, meta_in[:, k:].round().long(), meta_in[:, :k], recv
 
 
 def _send_back(
