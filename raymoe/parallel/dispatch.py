@@ -125,8 +125,8 @@ class EPContext:
                 st.bytes_inter_node += n * row_bytes
 
 
-def _exchange_counts(counts: list[int], group: Any) -> list[int]:
-    send = torch.tensor(counts, dtype=torch.long)
+def _exchange_counts(counts: list[int], group: Any, device: torch.device) -> list[int]:
+    send = torch.tensor(counts, dtype=torch.long, device=device)  # NCCL exchanges device tensors only
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     return recv.tolist()
@@ -150,7 +150,7 @@ def _send_rows(
 
     Hidden state and metadata travel as one byte row per pair (one all-to-all, whatever the dtype).
     """
-    recv = _exchange_counts(pairs.counts, group)
+    recv = _exchange_counts(pairs.counts, group, x.device)
     meta = torch.cat((pairs.weights, pairs.slots.to(torch.float32)), dim=1)  # slot ids < 2**24: exact in float32
     payload = x.index_select(0, pairs.src_row.to(x.device))
     n, dim = payload.shape

@@ -153,6 +153,8 @@ class GPUWorker:
         """Join the unit's process groups (rendezvous at the driver's TCP store) and load this GPU's weights."""
         topo, rank = self.topo, self.rank
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # Ray leaves this worker's GPU visible as device 0
         host, port = self.store_addr
         store = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
         dist.init_process_group(

@@ -1,0 +1,58 @@
+"""The pure pieces of dispatch: replica choice, (row, destination) pairing, micro-batch split (no Ray)."""
+
+from __future__ import annotations
+
+import torch
+
+from raymoe.engine.executor import ModelInput
+from raymoe.parallel.dispatch import choose_replica_slots, make_pairs
+from raymoe.parallel.worker import split_micro_batches
+
+# expert 0 has replicas in slots 0 and 5, expert 1 in slot 1, expert 2 in slots 2, 3, 4
+LOG2PHY = torch.tensor([[0, 5, -1], [1, -1, -1], [2, 3, 4]])
+COUNT = torch.tensor([2, 1, 3])
+
+
+def test_static_choice_is_fixed_per_source_rank() -> None:
+    ids = torch.tensor([[0, 2], [0, 2], [2, 1]])
+    assert choose_replica_slots(ids, LOG2PHY, COUNT, "static", 0).tolist() == [[0, 2], [0, 2], [2, 1]]
+    assert choose_replica_slots(ids, LOG2PHY, COUNT, "static", 1).tolist() == [[5, 3], [5, 3], [3, 1]]
+
+
+def test_balanced_choice_spreads_each_expert_evenly() -> None:
+    ids = torch.tensor([[0, 2]] * 6)
+    slots = choose_replica_slots(ids, LOG2PHY, COUNT, "balanced", 0)
+    assert torch.bincount(slots.reshape(-1), minlength=6).tolist() == [3, 0, 2, 2, 2, 3]
+    shifted = choose_replica_slots(ids[:1], LOG2PHY, COUNT, "balanced", 1)
+    assert shifted.tolist() == [[5, 3]]  # the rank offset starts each rank on a different replica
+
+
+def test_pairs_send_a_row_once_per_destination() -> None:
+    slots = torch.tensor([[0, 1, 4], [5, 2, 3]])  # 2 slots per GPU: GPUs [0, 0, 2], [2, 1, 1]
+    w = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]])
+    p = make_pairs(slots // 2, slots, w, 3)
+    assert p.counts == [1, 1, 2]
+    assert p.src_row.tolist() == [0, 1, 0, 1]  # sorted by destination GPU
+    assert p.slots.tolist() == [[0, 1, -1], [-1, 2, 3], [-1, -1, 4], [5, -1, -1]]
+    assert torch.allclose(p.weights.sum(), w.sum())
+    empty = make_pairs(torch.empty(0, 3, dtype=torch.long), torch.empty(0, 3, dtype=torch.long), torch.empty(0, 3), 3)
+    assert empty.counts == [0, 0, 0] and empty.src_row.numel() == 0
+
+
+def test_micro_batches_split_whole_sequences_evenly() -> None:
+    lens = [10, 3, 4, 5]
+    inp = ModelInput(
+        input_ids=torch.arange(22), positions=torch.arange(22), query_lens=lens, context_lens=lens,
+        block_tables=torch.arange(4).unsqueeze(1), slot_mapping=torch.arange(22), sample_indices=torch.tensor([9, 12, 16, 21]),
+        sampling=None,
+    )
+    a, b = split_micro_batches(inp)
+    assert a is not None and b is not None
+    assert (a.query_lens, b.query_lens) == ([10], [3, 4, 5])
+    assert b.input_ids.tolist() == list(range(10, 22)) and b.block_tables.tolist() == [[1], [2], [3]]
+    single = split_micro_batches(ModelInput(
+        input_ids=torch.arange(3), positions=torch.arange(3), query_lens=[3], context_lens=[3],
+        block_tables=torch.zeros(1, 1, dtype=torch.long), slot_mapping=torch.arange(3),
+        sample_indices=torch.tensor([2]), sampling=None,
+    ))
+    assert single[1] is None
