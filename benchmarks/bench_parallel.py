@@ -34,7 +34,7 @@ from raymoe.engine.model_runner import DataParallelRunner
 from raymoe.model.tiny import default_checkpoint
 from raymoe.model.weights import load_checkpoint
 from raymoe.parallel.config import ParallelConfig
-from raymoe.parallel.executor import ExpertParallelExecutor
+from raymoe.parallel.executor import ExpertParallelExecutor, initial_placement
 
 SECTION = "## Expert-parallel runtime"
 BEGIN = "<!-- bench_parallel.py: begin -->"
@@ -131,10 +131,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 traffic[hier] = (s.bytes_inter_node, s.bytes_intra_node)
             unit.set_options(node_limited=True)
             balance = {}
-            for choice in ("static", "balanced"):
-                unit.set_options(replica_choice=choice)
-                unit.execute(inputs)
-                balance[choice] = (unit.last_stats.busiest_gpu_tokens, unit.last_stats.mean_gpu_tokens)
+            uniform = unit.placement
+            unit.expert_load()  # reset the counters: the next plan comes from this batch's routing
+            for plan in ("uniform", "measured"):
+                for choice in ("static", "balanced"):
+                    unit.set_options(replica_choice=choice)
+                    unit.execute(inputs)
+                    balance[plan, choice] = (unit.last_stats.busiest_gpu_tokens, unit.last_stats.mean_gpu_tokens)
+                if plan == "uniform":  # what the load tracker would do: re-plan from the recorded counts
+                    load = unit.expert_load()
+                    unit.update_placement(initial_placement(unit.topo, unit.model_config, True, load=load))
+            unit.update_placement(uniform)
             out[kind] = {
                 "ref": statistics.median(t_ref),
                 "off": statistics.median(t_off),
@@ -219,17 +226,27 @@ def table(m: dict[str, Any] | None, proj: dict[str, dict[str, float]]) -> str:
             )
         lines += [
             "",
-            "| batch | bytes across nodes, hierarchical | flat | bytes inside nodes, hierarchical | flat | busiest GPU pairs/layer, static | balanced | mean |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| batch | bytes across nodes, hierarchical | flat | bytes inside nodes, hierarchical | flat |",
+            "|---|---:|---:|---:|---:|",
         ]
         for kind in ("prefill", "decode"):
             r = m[kind]
             (hi, hn), (fi, fn) = r["traffic"][True], r["traffic"][False]
-            (bs, mean), (bb, _) = r["balance"]["static"], r["balance"]["balanced"]
             lines.append(
-                f"| {kind} | {hi / 1024:.0f} KiB | {fi / 1024:.0f} KiB | {hn / 1024:.0f} KiB | {fn / 1024:.0f} KiB | "
-                f"{bs:.0f} | {bb:.0f} | {mean:.0f} |"
+                f"| {kind} | {hi / 1024:.0f} KiB | {fi / 1024:.0f} KiB | {hn / 1024:.0f} KiB | {fn / 1024:.0f} KiB |"
             )
+        lines += [
+            "",
+            "Busiest GPU's (token, expert) pairs per MoE layer and step (mean over GPUs in brackets), under the",
+            "uniform-load placement and under a placement re-planned from the counts the unit recorded on that batch:",
+            "",
+            "| batch | uniform plan, static | uniform plan, balanced | measured plan, static | measured plan, balanced |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for kind in ("prefill", "decode"):
+            b = m[kind]["balance"]
+            cells = [f"{b[p, c][0]:.0f} ({b[p, c][1]:.0f})" for p in ("uniform", "measured") for c in ("static", "balanced")]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Projected per token (dispatch FP8 + combine BF16 of V3's 7168-wide hidden state; group-limited top-8 routing):",

@@ -13,7 +13,7 @@ from raymoe.model.deepseek_v3 import Transformer
 from raymoe.model.tiny import default_checkpoint
 from raymoe.model.weights import load_checkpoint
 from raymoe.parallel.config import ParallelConfig
-from raymoe.parallel.executor import ExpertParallelExecutor
+from raymoe.parallel.executor import ExpertParallelExecutor, UnitFailure
 from raymoe.parallel.topology import Topology
 from tests.test_parallel import BLOCK, BLOCKS, check_against_reference
 
@@ -35,6 +35,12 @@ def test_config_errors() -> None:
         Topology.from_config(ParallelConfig(nodes=1, gpus_per_node=2, slots_per_gpu=8), cfg)
     topo = Topology.from_config(ParallelConfig(nodes=4, gpus_per_node=8, attention_tp=4, redundant_experts=32), cfg)
     assert (topo.dp_size, topo.world_size, topo.slots_per_gpu) == (8, 32, 3)
+
+
+def test_unplaceable_unit_fails_clearly(ray_cluster) -> None:
+    cfg = ParallelConfig(nodes=3, gpus_per_node=4, placement_timeout_s=3)
+    with pytest.raises(UnitFailure, match=r"3 node\(s\) with 4 free GPU\(s\) each are needed"):
+        ExpertParallelExecutor(str(default_checkpoint()), cfg, num_kv_blocks=4, block_size=BLOCK)
 
 
 @pytest.fixture(scope="module")

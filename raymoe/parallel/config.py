@@ -39,6 +39,7 @@ class ParallelConfig(BaseModel):
     node_resource: str | None = Field(None, description="custom resource every worker bundle asks a sliver of (node type)")
     worker_cpus: float = Field(0.0, ge=0, description="CPUs each worker actor reserves (GPU workers mostly wait)")
     collective_timeout_s: float = Field(120.0, gt=0, description="a collective that waits longer fails the step")
+    placement_timeout_s: float = Field(120.0, gt=0, description="how long to wait for the nodes' GPUs to be free")
     step_timeout_s: float = Field(300.0, gt=0, description="a step whose workers do not answer in time fails the unit")
 
     @model_validator(mode="after")

@@ -142,12 +142,13 @@ class ExpertParallelExecutor:
             bundle[parallel.node_resource] = 0.001
         self.pgs = [placement_group([dict(bundle)] * g, strategy="STRICT_PACK") for _ in range(self.topo.nodes)]
         ready = [pg.ready() for pg in self.pgs]
-        done, _ = ray.wait(ready, num_returns=len(ready), timeout=parallel.step_timeout_s)
+        done, _ = ray.wait(ready, num_returns=len(ready), timeout=parallel.placement_timeout_s)
         if len(done) < len(ready):
             self._teardown()
             raise UnitFailure(
                 f"cannot place the unit: {self.topo.nodes} node(s) with {g} free GPU(s) each are needed "
-                f"(one STRICT_PACK placement group per node); only {len(done)} placed"
+                f"(one STRICT_PACK placement group per node); only {len(done)} placed within "
+                f"placement_timeout_s={parallel.placement_timeout_s}"
             )
         actor = ray.remote(GPUWorker)
         self.workers = [
