@@ -12,7 +12,7 @@ import torch
 
 
 class ExpertLoadRecorder:
-    """Ring buffer [window_steps, layers, experts] of token counts; `load()` sums the window."""
+    """Ring buffer of token counts: the last `window_steps` closed steps plus the open one."""
 
     def __init__(self, num_layers: int, num_experts: int, window_steps: int = 1024,
                  device: torch.device | str = "cpu") -> None:
@@ -22,7 +22,7 @@ class ExpertLoadRecorder:
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.window_steps = window_steps
-        self.counts = torch.zeros(window_steps, num_layers, num_experts, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(window_steps + 1, num_layers, num_experts, dtype=torch.int64, device=device)
         self.step_index = 0  # steps completed since creation
         self.merged = np.zeros((num_layers, num_experts), dtype=np.float64)  # counts added from elsewhere
 
@@ -32,14 +32,14 @@ class ExpertLoadRecorder:
             raise ValueError(f"layer: {layer} outside [0, {self.num_layers})")
         flat = topk_ids.reshape(-1).to(self.counts.device, torch.long)
         if flat.numel():
-            self.counts[self.step_index % self.window_steps, layer] += torch.bincount(
+            self.counts[self.step_index % (self.window_steps + 1), layer] += torch.bincount(
                 flat, minlength=self.num_experts
             )[: self.num_experts]
 
     def step(self) -> None:
         """Closes the current step; the oldest step leaves the window."""
         self.step_index += 1
-        self.counts[self.step_index % self.window_steps].zero_()
+        self.counts[self.step_index % (self.window_steps + 1)].zero_()
 
     def load(self) -> np.ndarray:
         """[layers, experts] float64 tokens over the window (plus merged counts): `rebalance`'s input."""

@@ -1,0 +1,210 @@
+"""Placement policy, replica choice and load recorder: properties over random shapes and loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from raymoe.eplb import ExpertLoadRecorder, Placement, choose_replicas, gpu_token_counts, rebalance
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def shapes_and_loads(draw: st.DrawFn) -> tuple[np.ndarray, int, int, int, int]:
+    num_nodes = draw(st.integers(1, 3))
+    gpus_per_node = draw(st.integers(1, 4))
+    num_groups = draw(st.sampled_from([1, 2, 4]))
+    group_size = draw(st.integers(1, 4))
+    n_exp = num_groups * group_size
+    num_gpus = num_nodes * gpus_per_node
+    min_k = -(-n_exp // num_gpus)
+    if min_k > n_exp:
+        min_k = n_exp
+    k = draw(st.integers(min_k, min(n_exp, min_k + 2)))
+    layers = draw(st.integers(1, 3))
+    skew = draw(st.floats(0.0, 2.0))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    load = (1.0 / (rng.permuted(np.tile(np.arange(1, n_exp + 1), (layers, 1)), axis=1) ** skew)) * 1000
+    if draw(st.booleans()):
+        load[0] = 0.0  # a layer without traffic still needs a valid plan
+    return load, num_nodes, gpus_per_node, k, num_groups
+
+
+def check_plan(plan: Placement, n_exp: int) -> None:
+    layers, slots = plan.phy2log.shape
+    num_gpus = plan.num_gpus
+    assert slots == num_gpus * plan.slots_per_gpu
+    assert plan.phy2log.min() >= 0 and plan.phy2log.max() < n_exp
+    assert (plan.replica_count >= 1).all(), "every logical expert needs a replica"
+    assert (plan.replica_count.sum(1) == slots).all()
+    per_gpu = plan.phy2log.reshape(layers, num_gpus, plan.slots_per_gpu)
+    for layer in range(layers):
+        for g in range(num_gpus):
+            assert len(set(per_gpu[layer, g].tolist())) == plan.slots_per_gpu, "two replicas of one expert on a GPU"
+        for e in range(n_exp):
+            row = plan.log2phy[layer, e]
+            phys = row[row >= 0]
+            assert len(phys) == plan.replica_count[layer, e]
+            assert (plan.phy2log[layer, phys] == e).all()
+            assert (row[len(phys):] == -1).all()
+
+
+@FAST
+@given(shapes_and_loads())
+def test_plans_satisfy_every_constraint(case: tuple[np.ndarray, int, int, int, int]) -> None:
+    load, nodes, gpn, k, groups = case
+    plan = rebalance(load, nodes, gpn, k, groups)
+    check_plan(plan, load.shape[1])
+    if plan.regime == "hierarchical":
+        group_size = load.shape[1] // groups
+        holds = plan.nodes_of_experts()  # [layers, experts, nodes]
+        group_nodes = holds.reshape(load.shape[0], groups, group_size, nodes).any(2)
+        assert (group_nodes.sum(-1) == 1).all(), "hierarchical plans keep each expert group on one node"
+
+
+@FAST
+@given(shapes_and_loads(), st.floats(0.05, 0.5), st.integers(0, 2**16))
+def test_replan_after_drift_is_valid_and_moves_less(
+    case: tuple[np.ndarray, int, int, int, int], sigma: float, seed: int
+) -> None:
+    load, nodes, gpn, k, groups = case
+    first = rebalance(load, nodes, gpn, k, groups)
+    drifted = load * np.random.default_rng(seed).lognormal(0.0, sigma, load.shape)
+    replan = rebalance(drifted, nodes, gpn, k, groups, previous=first)
+    fresh = rebalance(drifted, nodes, gpn, k, groups)
+    check_plan(replan, load.shape[1])
+    assert replan.num_moves_from(first) <= fresh.num_moves_from(first)
+    # the kept layers are within tolerance of a fresh plan, the others are fresh plans relabelled
+    assert replan.imbalance(drifted) <= fresh.imbalance(drifted) * 1.02 + 1e-9
+    moves = replan.moves_from(first)
+    assert len(moves) == replan.num_moves_from(first)
+    for layer, gpu, slot, expert in moves:
+        s = gpu * k + slot
+        assert replan.phy2log[layer, s] == expert != first.phy2log[layer, s]
+
+
+def test_drift_replan_moves_a_fraction_of_a_fresh_plan() -> None:
+    rng = np.random.default_rng(1)
+    load = 1000.0 / (rng.permuted(np.tile(np.arange(1, 65), (8, 1)), axis=1) ** 1.0)
+    first = rebalance(load, 2, 4, 9, 8)
+    drifted = load * rng.lognormal(0.0, 0.2, load.shape)
+    replan = rebalance(drifted, 2, 4, 9, 8, previous=first)
+    fresh = rebalance(drifted, 2, 4, 9, 8)
+    assert replan.num_moves_from(first) < 0.5 * fresh.num_moves_from(first)
+    assert replan.imbalance(drifted) <= fresh.imbalance(drifted) * 1.02
+
+
+def test_balances_better_than_no_redundancy() -> None:
+    load = np.array([[1000.0] + [10.0] * 15])  # one hot expert
+    plan = rebalance(load, 1, 4, 5, 1)
+    assert plan.replica_count[0, 0] == 4
+    assert plan.imbalance(load) < 1.3
+
+
+def test_shared_expert_as_an_always_selected_routed_expert() -> None:
+    tokens = 900.0
+    routed = np.full((1, 16), tokens * 8 / 16)
+    load = np.concatenate([routed, [[tokens]]], axis=1)  # column 16 = the shared expert
+    plan = rebalance(load, 1, 4, 5, 1, regime="global")
+    assert plan.replica_count[0, 16] == plan.replica_count[0].max()
+
+
+@pytest.mark.parametrize(
+    ("load", "kwargs", "message"),
+    [
+        (np.full((2, 8), -1.0), {}, "negative"),
+        (np.full((2, 8), np.nan), {}, "NaN"),
+        (np.ones((2, 8)), {"slots_per_gpu": 1, "gpus_per_node": 2}, "too few slots"),
+        (np.ones((2, 8)), {"num_groups": 3}, "does not divide"),
+        (np.ones(8), {}, "2-D"),
+        (np.ones((2, 8)), {"slots_per_gpu": 9}, "exceeds"),
+        (np.ones((2, 8)), {"num_nodes": 0}, "num_nodes"),
+    ],
+)
+def test_bad_input_raises_value_error(load: np.ndarray, kwargs: dict, message: str) -> None:
+    args = {"num_nodes": 1, "gpus_per_node": 4, "slots_per_gpu": 2, "num_groups": 2} | kwargs
+    with pytest.raises(ValueError, match=message):
+        rebalance(load, **args)
+
+
+def test_hierarchical_refuses_a_shape_it_cannot_serve() -> None:
+    with pytest.raises(ValueError, match="hierarchical"):
+        rebalance(np.ones((1, 8)), 2, 2, 2, 1, regime="hierarchical")
+
+
+@FAST
+@given(shapes_and_loads(), st.integers(1, 200), st.integers(0, 2**16))
+def test_replica_choice_serves_the_right_expert_and_balanced_never_loses(
+    case: tuple[np.ndarray, int, int, int, int], tokens: int, seed: int
+) -> None:
+    load, nodes, gpn, k, groups = case
+    plan = rebalance(load, nodes, gpn, k, groups)
+    n_exp = load.shape[1]
+    top_k = min(3, n_exp)
+    g = torch.Generator().manual_seed(seed)
+    skew = torch.rand(n_exp, generator=g) ** 3 + 1e-3
+    ids = torch.multinomial(skew.expand(tokens, n_exp), top_k, replacement=False, generator=g)
+    l2p, rc = plan.layer_tensors(0)
+    phy = torch.as_tensor(plan.phy2log[0])
+    maxes = {}
+    for mode in ("static", "balanced"):
+        slots = choose_replicas(l2p, rc, k, ids, mode, num_gpus=plan.num_gpus)
+        assert slots.shape == ids.shape
+        assert (phy[slots] == ids).all(), "a pair must go to a replica of its own expert"
+        maxes[mode] = int(gpu_token_counts(slots, k, plan.num_gpus).max())
+    assert maxes["balanced"] <= maxes["static"]
+
+
+def test_static_choice_spreads_evenly_over_replicas() -> None:
+    plan = rebalance(np.array([[1000.0] + [1.0] * 7]), 1, 4, 2, 1)
+    l2p, rc = plan.layer_tensors(0)
+    ids = torch.zeros(101, 1, dtype=torch.long)
+    slots = choose_replicas(l2p, rc, 2, ids, "static")
+    per_slot = torch.bincount(slots.view(-1), minlength=8)[l2p[0][: rc[0]]]
+    assert int(per_slot.max() - per_slot.min()) <= 1
+
+
+def test_balanced_choice_evens_out_a_hot_gpu() -> None:
+    # expert 0 has replicas on GPUs 0 and 1; GPU 0 also serves a busy single-replica expert
+    phy2log = np.array([[0, 1, 0, 2, 3, 4]])
+    plan = Placement.from_phy2log(phy2log, 5, 1, 3, 2)
+    ids = torch.tensor([0] * 100 + [1] * 60).view(-1, 1)
+    l2p, rc = plan.layer_tensors(0)
+    static = gpu_token_counts(choose_replicas(l2p, rc, 2, ids, "static"), 2, 3)
+    balanced = gpu_token_counts(choose_replicas(l2p, rc, 2, ids, "balanced"), 2, 3)
+    assert static.tolist() == [110, 50, 0]
+    assert balanced.tolist() == [80, 80, 0]
+
+
+def test_recorder_counts_window_and_merge() -> None:
+    rec = ExpertLoadRecorder(num_layers=2, num_experts=6, window_steps=2)
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randint(0, 6, (7, 3), generator=g) for _ in range(3)]
+    for ids in steps:
+        rec.record(0, ids)
+        rec.record(1, ids[:2])
+        rec.step()
+
+    def naive(batch: list[torch.Tensor]) -> np.ndarray:
+        out = np.zeros(6)
+        for ids in batch:
+            for e in ids.reshape(-1).tolist():
+                out[e] += 1
+        return out
+
+    load = rec.load()
+    np.testing.assert_array_equal(load[0], naive(steps[1:]))  # the last 2 closed steps
+    np.testing.assert_array_equal(load[1], naive([s[:2] for s in steps[1:]]))
+    other = ExpertLoadRecorder(2, 6, window_steps=2)
+    other.record(1, torch.tensor([[5, 5]]))
+    rec.merge(other)
+    assert rec.load()[1, 5] == load[1, 5] + 2
+    with pytest.raises(ValueError, match="layer"):
+        rec.record(2, steps[0])
+    with pytest.raises(ValueError, match="shape"):
+        rec.merge(np.zeros((3, 6)))
