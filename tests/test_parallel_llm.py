@@ -43,6 +43,24 @@ def test_unplaceable_unit_fails_clearly(ray_cluster) -> None:
         ExpertParallelExecutor(str(default_checkpoint()), cfg, num_kv_blocks=4, block_size=BLOCK)
 
 
+def test_decode_layout_shared_expert_routed(ray_cluster) -> None:
+    """V3's decode layout in small: the shared expert routed to every token, hosted with hot copies on 2 of 8 GPUs."""
+    cfg = ParallelConfig(
+        nodes=2, gpus_per_node=4, attention_tp=2, slots_per_gpu=11, shared_expert_gpus=2, node_limited=False,
+        overlap=True,
+    )
+    unit = ExpertParallelExecutor(str(default_checkpoint()), cfg, num_kv_blocks=BLOCKS, block_size=BLOCK)
+    try:
+        phy = unit.placement.phy2log  # [layers, 88]; logical 64 = the shared expert
+        assert set(phy[:, :66].reshape(-1).tolist()) == set(range(64))  # 6 routed-expert GPUs hold all experts
+        assert (phy[:, 66] == 64).all() and (unit.placement.replica_count[:, 64] == 1).all()
+        model: Transformer = load_checkpoint(default_checkpoint(), progress=False)
+        check_against_reference(unit, model, steps=1)
+        assert unit.last_stats.mean_gpu_tokens > 0
+    finally:
+        unit.shutdown()
+
+
 @pytest.fixture(scope="module")
 def unit_1x2(ray_cluster) -> Iterator[ExpertParallelExecutor]:
     cfg = ParallelConfig(nodes=1, gpus_per_node=2, redundant_experts=2, overlap=True)

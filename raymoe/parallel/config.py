@@ -34,7 +34,9 @@ class ParallelConfig(BaseModel):
     attention_dp: int | None = Field(None, ge=1, description="derived (GPUs / TP); checked when given")
     expert_parallel: int | None = Field(None, ge=1, description="derived (all GPUs); checked when given")
     shared_expert_gpus: int = Field(
-        0, ge=0, description="decode layout: GPUs hosting the shared + redundant experts (not supported yet: must be 0)"
+        0, ge=0,
+        description="decode layout: the last N GPUs host copies of the shared expert (routed to every token) "
+        "and redundant copies of hot experts instead of original routed experts (V3 decode: 64 of 320)",
     )
     node_resource: str | None = Field(None, description="custom resource every worker bundle asks a sliver of (node type)")
     worker_cpus: float = Field(0.0, ge=0, description="CPUs each worker actor reserves (GPU workers mostly wait)")
@@ -56,10 +58,10 @@ class ParallelConfig(BaseModel):
             )
         if self.expert_parallel is not None and self.expert_parallel != self.world_size:
             raise ValueError(f"expert_parallel={self.expert_parallel} but the unit has {self.world_size} GPUs")
-        if self.shared_expert_gpus:
+        if self.shared_expert_gpus >= self.world_size:
             raise ValueError(
-                f"shared_expert_gpus={self.shared_expert_gpus}: dedicated shared/redundant-expert GPUs are not "
-                "supported yet; the shared expert runs next to the routed ones on every attention rank (use 0)"
+                f"shared_expert_gpus={self.shared_expert_gpus} leaves no GPU for the routed experts "
+                f"({self.world_size} GPUs in the unit)"
             )
         return self
 

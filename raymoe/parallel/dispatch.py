@@ -108,6 +108,7 @@ class EPContext:
     log2phy: dict[int, torch.Tensor]  # model layer -> [experts, max_replicas]
     replica_count: dict[int, torch.Tensor]  # model layer -> [experts]
     phy2log_local: dict[int, torch.Tensor]  # model layer -> [slots_per_gpu] logical expert of each local slot
+    shared_id: int | None = None  # decode layout: logical id of the shared expert, routed to every token
     load: dict[int, torch.Tensor] = field(default_factory=dict)  # model layer -> [experts] routed assignments
     stats: dict[int, LayerStats] = field(default_factory=dict)
 
@@ -188,10 +189,17 @@ def _compute(ctx: EPContext, layer: int, moe: MoE, rows: torch.Tensor, slots: to
     logical = ctx.phy2log_local[layer].to(rows.device)[local]
     st = ctx.stats.setdefault(layer, LayerStats())
     st.expert_tokens += int(row_idx.numel())
-    y = moe.expert_forward(
-        rows.index_select(0, row_idx.to(rows.device)), logical.unsqueeze(1), w[row_idx, col].unsqueeze(1)
-    )
-    return rows.new_zeros(rows.shape).index_add_(0, row_idx.to(rows.device), y)
+    weight = w[row_idx, col].unsqueeze(1)
+    out = rows.new_zeros(rows.shape)
+    if ctx.shared_id is not None:
+        is_shared = logical == ctx.shared_id
+        if bool(is_shared.any()):
+            rs = row_idx[is_shared].to(rows.device)
+            out.index_add_(0, rs, moe.shared_experts(rows.index_select(0, rs)) * weight[is_shared].to(rows.dtype))
+            keep = ~is_shared
+            row_idx, logical, weight = row_idx[keep], logical[keep], weight[keep]
+    y = moe.expert_forward(rows.index_select(0, row_idx.to(rows.device)), logical.unsqueeze(1), weight)
+    return out.index_add_(0, row_idx.to(rows.device), y)
 
 
 def moe_dispatch_combine(ctx: EPContext, layer: int, moe: MoE, x: torch.Tensor, world_group: Any = None) -> Step:
@@ -208,8 +216,15 @@ def moe_dispatch_combine(ctx: EPContext, layer: int, moe: MoE, x: torch.Tensor, 
             ids_cpu, ctx.log2phy[layer], ctx.replica_count[layer], ctx.replica_choice, ctx.rank
         )
         weights = weights.float().cpu()
+        if ctx.shared_id is not None:  # the shared expert as one more routed expert, weight 1
+            shared = choose_replica_slots(
+                torch.full((t, 1), ctx.shared_id), ctx.log2phy[layer], ctx.replica_count[layer], ctx.replica_choice,
+                ctx.rank,
+            )
+            slots = torch.cat((slots, shared), dim=1)
+            weights = torch.cat((weights, torch.ones(t, 1)), dim=1)
     else:
-        k = moe.gate.top_k
+        k = moe.gate.top_k + (ctx.shared_id is not None)
         slots = torch.empty((0, k), dtype=torch.long)
         weights = torch.empty((0, k), dtype=torch.float32)
     gpu = slots // topo.slots_per_gpu

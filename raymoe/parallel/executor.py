@@ -92,6 +92,10 @@ def initial_placement(topo: Topology, model: ModelConfig, node_limited: bool, lo
     from raymoe.eplb.policy import rebalance
 
     n_moe = len(model.moe_layers)
+    if topo.shared_expert_gpus:
+        from raymoe.parallel.placement import decode_placement
+
+        return decode_placement(topo, n_moe, load)
     if load is None:
         load = np.ones((n_moe, model.n_routed_experts))
     return rebalance(

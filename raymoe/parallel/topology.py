@@ -20,6 +20,7 @@ class Topology:
     attention_tp: int
     slots_per_gpu: int
     num_experts: int
+    shared_expert_gpus: int = 0  # decode layout: the last N GPUs host shared-expert and redundant copies
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, model: ModelConfig) -> Topology:
@@ -33,13 +34,17 @@ class Topology:
             slots = parallel.slots_per_gpu
         else:
             slots = -(-(n_exp + parallel.redundant_experts) // world)
-        if slots * world < n_exp:
+        routed_gpus = world - parallel.shared_expert_gpus
+        if slots * routed_gpus < n_exp:
             raise ValueError(
-                f"slots_per_gpu={slots} x {world} GPUs = {slots * world} slots cannot hold {n_exp} routed experts"
+                f"slots_per_gpu={slots} x {routed_gpus} routed-expert GPUs = {slots * routed_gpus} slots cannot hold "
+                f"{n_exp} routed experts"
             )
         if slots > n_exp:
             raise ValueError(f"slots_per_gpu={slots} exceeds the {n_exp} routed experts (a GPU holds one copy of each)")
-        return cls(parallel.nodes, parallel.gpus_per_node, parallel.attention_tp, slots, n_exp)
+        return cls(
+            parallel.nodes, parallel.gpus_per_node, parallel.attention_tp, slots, n_exp, parallel.shared_expert_gpus
+        )
 
     @property
     def world_size(self) -> int:
@@ -56,6 +61,11 @@ class Topology:
     @property
     def redundant_slots(self) -> int:
         return self.num_slots - self.num_experts
+
+    @property
+    def shared_expert_id(self) -> int | None:
+        """Logical id of the shared expert when it is routed (decode layout), else None."""
+        return self.num_experts if self.shared_expert_gpus else None
 
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node
@@ -82,4 +92,5 @@ class Topology:
         return (
             f"{self.nodes} node(s) x {self.gpus_per_node} GPU(s): attention TP{self.attention_tp} x DP{self.dp_size}, "
             f"EP{self.world_size} with {self.slots_per_gpu} slot(s)/GPU ({self.redundant_slots} redundant)"
+            + (f", shared expert routed on {self.shared_expert_gpus} GPU(s)" if self.shared_expert_gpus else "")
         )

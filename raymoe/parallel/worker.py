@@ -174,7 +174,8 @@ class GPUWorker:
         moe_layers = self.config.moe_layers
         spg = topo.slots_per_gpu
         mine = slice(rank * spg, (rank + 1) * spg)
-        hosted = {layer: sorted(set(self.phy2log[j, mine].tolist())) for j, layer in enumerate(moe_layers)}
+        n_exp = self.config.n_routed_experts  # a slot holding id n_exp is a shared-expert copy (decode layout)
+        hosted = {layer: sorted({e for e in self.phy2log[j, mine].tolist() if e < n_exp}) for j, layer in enumerate(moe_layers)}
         model = load_checkpoint(
             self.model_path, self.config, experts=hosted, dtype=self.dtype, device=self.device, progress=False
         )
@@ -196,6 +197,7 @@ class GPUWorker:
             log2phy={layer: torch.tensor(self.log2phy[j]) for j, layer in enumerate(moe_layers)},
             replica_count={layer: torch.tensor(self.replica_count[j]) for j, layer in enumerate(moe_layers)},
             phy2log_local={layer: torch.tensor(self.phy2log[j, mine]) for j, layer in enumerate(moe_layers)},
+            shared_id=topo.shared_expert_id,
         )
         return f"rank {rank}: node {topo.node_of(rank)} GPU {topo.local_of(rank)}, {backend}, {self.device}"
 
@@ -232,7 +234,8 @@ class GPUWorker:
             per = -(-t // tp)
             xs = x[self.tp_rank * per : (self.tp_rank + 1) * per]
             ys = yield from moe_dispatch_combine(self.ep, i, layer.mlp, xs)
-            ys = ys + layer.mlp.shared_experts(xs)
+            if self.ep.shared_id is None:  # else the shared expert was routed like the others
+                ys = ys + layer.mlp.shared_experts(xs)
             if tp > 1 and per > 0:  # per is the same on every rank of the group
                 padded = ys.new_zeros((per, dim))
                 padded[: ys.shape[0]] = ys
@@ -284,7 +287,11 @@ class GPUWorker:
     def _hosted_plan(self, phy2log: np.ndarray) -> dict[int, list[int]]:
         spg = self.topo.slots_per_gpu
         mine = slice(self.rank * spg, (self.rank + 1) * spg)
-        return {layer: sorted(set(phy2log[j, mine].tolist())) for j, layer in enumerate(self.config.moe_layers)}
+        n_exp = self.config.n_routed_experts
+        return {
+            layer: sorted({e for e in phy2log[j, mine].tolist() if e < n_exp})
+            for j, layer in enumerate(self.config.moe_layers)
+        }
 
     def stage_placement(self, phy2log: np.ndarray, log2phy: np.ndarray, replica_count: np.ndarray) -> int:
         """Read the experts this GPU gains under a new plan into side modules; the running maps are untouched."""
