@@ -79,8 +79,8 @@ def test_replan_after_drift_is_valid_and_moves_less(
     fresh = rebalance(drifted, nodes, gpn, k, groups)
     check_plan(replan, load.shape[1])
     assert replan.num_moves_from(first) <= fresh.num_moves_from(first)
-    # the kept layers are within tolerance of a fresh plan, the others are fresh plans relabelled
-    assert replan.imbalance(drifted) <= fresh.imbalance(drifted) * 1.02 + 1e-9
+    # every layer is within the tolerance (3%) of a fresh plan: anchored, or the fresh plan relabelled
+    assert (replan.layer_imbalance(drifted) <= fresh.layer_imbalance(drifted) * 1.03 + 1e-9).all()
     moves = replan.moves_from(first)
     assert len(moves) == replan.num_moves_from(first)
     for layer, gpu, slot, expert in moves:
@@ -96,7 +96,7 @@ def test_drift_replan_moves_a_fraction_of_a_fresh_plan() -> None:
     replan = rebalance(drifted, 2, 4, 9, 8, previous=first)
     fresh = rebalance(drifted, 2, 4, 9, 8)
     assert replan.num_moves_from(first) < 0.5 * fresh.num_moves_from(first)
-    assert replan.imbalance(drifted) <= fresh.imbalance(drifted) * 1.02
+    assert replan.imbalance(drifted) <= fresh.imbalance(drifted) * 1.02  # mean over layers
 
 
 def test_balances_better_than_no_redundancy() -> None:

@@ -43,33 +43,26 @@ def _pair_rank(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torc
     return rank, counts
 
 
-def _water_fill(base: np.ndarray, n: int) -> np.ndarray:
-    """Integer split of n tokens over GPUs with loads `base` minimising the largest sum."""
-    r = base.size
-    order = np.argsort(base, kind="stable")
-    srt = base[order].astype(np.float64)
-    csum = np.cumsum(srt)
-    k = np.arange(1, r + 1)
-    level = (n + csum) / k
-    nxt = np.append(srt[1:], np.inf)
-    m = int(np.argmax(level <= nxt))  # first prefix whose level does not reach the next GPU
-    h = level[m]
-    x_sorted = np.zeros(r, dtype=np.int64)
-    x_sorted[: m + 1] = np.floor(h - srt[: m + 1] + 1e-9).clip(min=0).astype(np.int64)
-    rem = n - int(x_sorted.sum())
-    if rem > 0:
-        extra = np.argsort(srt[: m + 1] + x_sorted[: m + 1], kind="stable")[:rem]
-        x_sorted[extra] += 1
-    elif rem < 0:  # float rounding gave one too many somewhere
-        take = np.argsort(-(srt + x_sorted), kind="stable")
-        for i in take:
-            if rem == 0:
-                break
-            d = min(int(x_sorted[i]), -rem)
-            x_sorted[i] -= d
-            rem += d
-    x = np.empty(r, dtype=np.int64)
-    x[order] = x_sorted
+def _water_fill(base: list[int], n: int) -> list[int]:
+    """Integer split of n tokens over GPUs with loads `base` minimising the largest sum.
+
+    Plain Python: an expert has a handful of replicas, where numpy's per-call cost dominates.
+    """
+    r = len(base)
+    order = sorted(range(r), key=base.__getitem__)
+    total = 0
+    m = 0
+    for i, idx in enumerate(order):
+        total += base[idx]
+        m = i + 1
+        if m == r or n + total <= base[order[m]] * m:  # the level does not reach the next GPU
+            break
+    level = (n + total) // m  # >= every included base: they are integers below the real level
+    x = [0] * r
+    for idx in order[:m]:
+        x[idx] = level - base[idx]
+    for idx in order[: n + total - level * m]:
+        x[idx] += 1
     return x
 
 
@@ -82,24 +75,31 @@ def _balanced_split(
     rc = np.maximum(replica_count, 1)
     j = np.arange(max_rep)[None, :]
     split = np.where(j < rc[:, None], counts[:, None] // rc[:, None] + (j < (counts % rc)[:, None]), 0)
-    gpu = np.where(log2phy >= 0, log2phy // slots_per_gpu, 0)
-    gpu_load = np.zeros(num_gpus, dtype=np.int64)
-    np.add.at(gpu_load, gpu[log2phy >= 0], split[log2phy >= 0])
+    valid = log2phy >= 0
+    gpu = np.where(valid, log2phy // slots_per_gpu, 0)
+    load_arr = np.zeros(num_gpus, dtype=np.int64)
+    np.add.at(load_arr, gpu[valid], split[valid])
     multi = np.nonzero((replica_count > 1) & (counts > 0))[0]
-    multi = multi[np.argsort(-counts[multi], kind="stable")]
+    multi = multi[np.argsort(-counts[multi], kind="stable")].tolist()
+    gpu_load = load_arr.tolist()
+    gpus = {e: gpu[e, : int(replica_count[e])].tolist() for e in multi}
+    parts = {e: split[e, : int(replica_count[e])].tolist() for e in multi}
+    n_of = {e: int(counts[e]) for e in multi}
     for _ in range(passes):
         changed = False
-        for e in multi.tolist():
-            r = int(replica_count[e])
-            g = gpu[e, :r]
-            base = gpu_load[g] - split[e, :r]
-            new = _water_fill(base, int(counts[e]))
-            if not np.array_equal(new, split[e, :r]):
+        for e in multi:
+            g, old = gpus[e], parts[e]
+            base = [gpu_load[gi] - xi for gi, xi in zip(g, old, strict=True)]
+            new = _water_fill(base, n_of[e])
+            if new != old:
                 changed = True
-                gpu_load[g] = base + new
-                split[e, :r] = new
+                for gi, b, xi in zip(g, base, new, strict=True):
+                    gpu_load[gi] = b + xi
+                parts[e] = new
         if not changed:
             break
+    for e in multi:
+        split[e, : len(parts[e])] = parts[e]
     return split
 
 
