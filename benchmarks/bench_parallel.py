@@ -132,13 +132,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             unit.set_options(node_limited=True)
             balance = {}
             uniform = unit.placement
-            unit.expert_load()  # reset the counters: the next plan comes from this batch's routing
             for plan in ("uniform", "measured"):
                 for choice in ("static", "balanced"):
                     unit.set_options(replica_choice=choice)
                     unit.execute(inputs)
                     balance[plan, choice] = (unit.last_stats.busiest_gpu_tokens, unit.last_stats.mean_gpu_tokens)
-                if plan == "uniform":  # what the load tracker would do: re-plan from the recorded counts
+                if plan == "uniform":  # what the load tracker would do: re-plan from the recorded counts (this batch's)
                     load = unit.expert_load()
                     unit.update_placement(initial_placement(unit.topo, unit.model_config, True, load=load))
             unit.update_placement(uniform)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from raymoe.engine.executor import ModelInput
-from raymoe.parallel.dispatch import choose_replica_slots, make_pairs
+from raymoe.eplb.replica import choose_replicas
+from raymoe.parallel.dispatch import make_pairs, rotate_replicas
 from raymoe.parallel.worker import split_micro_batches
 
 # expert 0 has replicas in slots 0 and 5, expert 1 in slot 1, expert 2 in slots 2, 3, 4
@@ -13,18 +14,19 @@ LOG2PHY = torch.tensor([[0, 5, -1], [1, -1, -1], [2, 3, 4]])
 COUNT = torch.tensor([2, 1, 3])
 
 
-def test_static_choice_is_fixed_per_source_rank() -> None:
-    ids = torch.tensor([[0, 2], [0, 2], [2, 1]])
-    assert choose_replica_slots(ids, LOG2PHY, COUNT, "static", 0).tolist() == [[0, 2], [0, 2], [2, 1]]
-    assert choose_replica_slots(ids, LOG2PHY, COUNT, "static", 1).tolist() == [[5, 3], [5, 3], [3, 1]]
+def test_ranks_start_at_different_replicas() -> None:
+    """The policy deals an expert's pairs round-robin from its first replica; each rank's rotated map starts elsewhere."""
+    assert rotate_replicas(LOG2PHY, COUNT, 1).tolist() == [[5, 0, -1], [1, -1, -1], [3, 4, 2]]
+    ids = torch.tensor([[0, 2]])
+    firsts = {tuple(choose_replicas(rotate_replicas(LOG2PHY, COUNT, r), COUNT, 2, ids, "static")[0].tolist()) for r in range(6)}
+    assert firsts == {(0, 2), (5, 3), (0, 4), (5, 2), (0, 3), (5, 4)}
 
 
-def test_balanced_choice_spreads_each_expert_evenly() -> None:
+def test_balanced_choice_never_worse_than_static() -> None:
     ids = torch.tensor([[0, 2]] * 6)
-    slots = choose_replica_slots(ids, LOG2PHY, COUNT, "balanced", 0)
-    assert torch.bincount(slots.reshape(-1), minlength=6).tolist() == [3, 0, 2, 2, 2, 3]
-    shifted = choose_replica_slots(ids[:1], LOG2PHY, COUNT, "balanced", 1)
-    assert shifted.tolist() == [[5, 3]]  # the rank offset starts each rank on a different replica
+    for mode in ("static", "balanced"):
+        slots = choose_replicas(LOG2PHY, COUNT, 2, ids, mode, num_gpus=3)
+        assert sorted(set(slots[:, 0].tolist())) == [0, 5] and sorted(set(slots[:, 1].tolist())) == [2, 3, 4]
 
 
 def test_pairs_send_a_row_once_per_destination() -> None:

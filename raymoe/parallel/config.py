@@ -39,6 +39,7 @@ class ParallelConfig(BaseModel):
         "and redundant copies of hot experts instead of original routed experts (V3 decode: 64 of 320)",
     )
     node_resource: str | None = Field(None, description="custom resource every worker bundle asks a sliver of (node type)")
+    load_window_steps: int = Field(1024, ge=1, description="steps of expert-load counts each worker keeps")
     worker_cpus: float = Field(0.0, ge=0, description="CPUs each worker actor reserves (GPU workers mostly wait)")
     collective_timeout_s: float = Field(120.0, gt=0, description="a collective that waits longer fails the step")
     placement_timeout_s: float = Field(120.0, gt=0, description="how long to wait for the nodes' GPUs to be free")

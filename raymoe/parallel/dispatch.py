@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from raymoe.eplb.recorder import ExpertLoadRecorder
+from raymoe.eplb.replica import choose_replicas
 from raymoe.model.deepseek_v3 import MoE
 from raymoe.parallel.topology import Topology
 
@@ -28,34 +30,17 @@ Works = list[Any]
 Step = Generator[Works, None, Any]
 
 
-def choose_replica_slots(
-    ids: torch.Tensor,
-    log2phy: torch.Tensor,
-    replica_count: torch.Tensor,
-    mode: Literal["static", "balanced"],
-    src_rank: int,
-) -> torch.Tensor:
-    """[t, k] logical expert ids -> [t, k] physical slots.
+def rotate_replicas(log2phy: torch.Tensor, replica_count: torch.Tensor, rank: int) -> torch.Tensor:
+    """This source rank's view of log2phy: each expert's replica list rotated by `rank`.
 
-    static: every token of a source rank uses replica `src_rank % replicas` (a fixed spread over
-    the unit's ranks). balanced: the assignments of one expert from this rank go round-robin over
-    its replicas, offset by the source rank, so every replica gets an equal share of each step.
+    The policy's per-step choice deals an expert's pairs over its replicas starting at the first;
+    rotating per rank makes the ranks start at different replicas, so a replica is not favoured when
+    each rank has only a token or two per expert (decode).
     """
-    flat = ids.reshape(-1)
-    count = replica_count[flat]
-    if mode == "static":
-        r = torch.full_like(flat, src_rank) % count
-    elif mode == "balanced":
-        order = torch.sort(flat, stable=True).indices
-        sorted_ids = flat[order]
-        per_expert = torch.bincount(flat, minlength=replica_count.shape[0])
-        starts = torch.cumsum(per_expert, 0) - per_expert
-        occ = torch.empty_like(flat)
-        occ[order] = torch.arange(flat.numel(), device=flat.device) - starts[sorted_ids]
-        r = (occ + src_rank) % count
-    else:
-        raise ValueError(f"replica_choice: expected 'static' or 'balanced', got {mode!r}")
-    return log2phy[flat, r].reshape(ids.shape)
+    count = replica_count.clamp(min=1).unsqueeze(1)
+    cols = torch.arange(log2phy.shape[1]).unsqueeze(0)
+    rotated = log2phy.gather(1, torch.where(cols < count, (cols + rank) % count, cols))
+    return rotated
 
 
 @dataclass
@@ -105,11 +90,12 @@ class EPContext:
     node_group: Any  # this rank's node process group (hierarchical forward)
     hierarchical: bool
     replica_choice: Literal["static", "balanced"]
-    log2phy: dict[int, torch.Tensor]  # model layer -> [experts, max_replicas]
+    log2phy: dict[int, torch.Tensor]  # model layer -> [experts, max_replicas], rotated for this rank
     replica_count: dict[int, torch.Tensor]  # model layer -> [experts]
     phy2log_local: dict[int, torch.Tensor]  # model layer -> [slots_per_gpu] logical expert of each local slot
     shared_id: int | None = None  # decode layout: logical id of the shared expert, routed to every token
-    load: dict[int, torch.Tensor] = field(default_factory=dict)  # model layer -> [experts] routed assignments
+    recorder: ExpertLoadRecorder | None = None  # routed ids of every MoE layer, every step (the load tracker's input)
+    moe_index: dict[int, int] = field(default_factory=dict)  # model layer -> MoE layer index
     stats: dict[int, LayerStats] = field(default_factory=dict)
 
     def record_send(self, layer: int, counts: list[int], group_ranks: list[int] | None, row_bytes: int) -> None:
@@ -209,17 +195,17 @@ def moe_dispatch_combine(ctx: EPContext, layer: int, moe: MoE, x: torch.Tensor, 
     if t:
         ids, weights = moe.route(x)
         ids_cpu = ids.cpu()
-        load = ctx.load.get(layer)
-        counts = torch.bincount(ids_cpu.reshape(-1), minlength=topo.num_experts)
-        ctx.load[layer] = counts if load is None else load + counts
-        slots = choose_replica_slots(
-            ids_cpu, ctx.log2phy[layer], ctx.replica_count[layer], ctx.replica_choice, ctx.rank
+        if ctx.recorder is not None:
+            ctx.recorder.record(ctx.moe_index[layer], ids_cpu)
+        slots = choose_replicas(
+            ctx.log2phy[layer], ctx.replica_count[layer], topo.slots_per_gpu, ids_cpu, ctx.replica_choice,
+            num_gpus=topo.world_size,
         )
         weights = weights.float().cpu()
         if ctx.shared_id is not None:  # the shared expert as one more routed expert, weight 1
-            shared = choose_replica_slots(
-                torch.full((t, 1), ctx.shared_id), ctx.log2phy[layer], ctx.replica_count[layer], ctx.replica_choice,
-                ctx.rank,
+            shared = choose_replicas(
+                ctx.log2phy[layer], ctx.replica_count[layer], topo.slots_per_gpu, torch.full((t, 1), ctx.shared_id),
+                ctx.replica_choice, num_gpus=topo.world_size,
             )
             slots = torch.cat((slots, shared), dim=1)
             weights = torch.cat((weights, torch.ones(t, 1)), dim=1)

@@ -167,7 +167,7 @@ class ExpertParallelExecutor:
                 r, self.topo, str(model), dtype, parallel.device, num_kv_blocks, block_size,
                 self.placement.phy2log, self.placement.log2phy, self.placement.replica_count,
                 (host, self._store.port), unit_id, hierarchical, parallel.replica_choice, parallel.overlap,
-                parallel.collective_timeout_s,
+                parallel.collective_timeout_s, parallel.load_window_steps,
             )
             for r in range(self.topo.world_size)
         ]
@@ -212,15 +212,10 @@ class ExpertParallelExecutor:
 
     # --- beyond the protocol ---------------------------------------------------------------------
     def expert_load(self) -> np.ndarray:
-        """[moe_layers, experts] routed assignments counted on every rank since the last call (for the load tracker)."""
+        """[moe_layers, experts] routed assignments over the last `load_window_steps` steps, all ranks merged
+        (each rank records its own with `raymoe.eplb.recorder.ExpertLoadRecorder`): `rebalance`'s input."""
         per_worker = self._gather([w.expert_load.remote() for w in self.workers])
-        layers = self.model_config.moe_layers
-        out = np.zeros((len(layers), self.model_config.n_routed_experts), dtype=np.int64)
-        for counts in per_worker:
-            for j, layer in enumerate(layers):
-                if layer in counts:
-                    out[j] += counts[layer].numpy()
-        return out
+        return np.sum(per_worker, axis=0)
 
     def update_placement(self, placement: Any) -> int:
         """Move to a new expert placement (e.g. `rebalance(expert_load(), ..., previous=placement)`).

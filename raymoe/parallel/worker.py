@@ -21,10 +21,11 @@ import torch.distributed as dist
 
 from raymoe.engine.executor import ModelInput, SamplerOutput
 from raymoe.engine.sampler import Sampler
+from raymoe.eplb.recorder import ExpertLoadRecorder
 from raymoe.model.config import ModelConfig
 from raymoe.model.deepseek_v3 import MLA, MLP, MoE, Transformer
 from raymoe.model.weights import CheckpointReader, _block_size, checkpoint_name, load_checkpoint, read_tensor
-from raymoe.parallel.dispatch import EPContext, LayerStats, Step, Works, moe_dispatch_combine
+from raymoe.parallel.dispatch import EPContext, LayerStats, Step, Works, moe_dispatch_combine, rotate_replicas
 from raymoe.parallel.topology import Topology
 
 
@@ -130,6 +131,7 @@ class GPUWorker:
         replica_choice: str,
         overlap: bool,
         collective_timeout_s: float,
+        load_window_steps: int = 1024,
     ) -> None:
         self.rank = rank
         self.topo = topo
@@ -144,6 +146,7 @@ class GPUWorker:
         self.store_addr, self.unit_id = store_addr, unit_id
         self.hierarchical, self.replica_choice, self.overlap = hierarchical, replica_choice, overlap
         self.timeout = timedelta(seconds=collective_timeout_s)
+        self.load_window_steps = load_window_steps
         self.sampler = Sampler()
 
     def pid(self) -> int:
@@ -194,10 +197,15 @@ class GPUWorker:
             node_group=self.node_group,
             hierarchical=self.hierarchical,
             replica_choice=self.replica_choice,  # type: ignore[arg-type]
-            log2phy={layer: torch.tensor(self.log2phy[j]) for j, layer in enumerate(moe_layers)},
+            log2phy={
+                layer: rotate_replicas(torch.tensor(self.log2phy[j]), torch.tensor(self.replica_count[j]), rank)
+                for j, layer in enumerate(moe_layers)
+            },
             replica_count={layer: torch.tensor(self.replica_count[j]) for j, layer in enumerate(moe_layers)},
             phy2log_local={layer: torch.tensor(self.phy2log[j, mine]) for j, layer in enumerate(moe_layers)},
             shared_id=topo.shared_expert_id,
+            recorder=ExpertLoadRecorder(len(moe_layers), self.config.n_routed_experts, self.load_window_steps),
+            moe_index={layer: j for j, layer in enumerate(moe_layers)},
         )
         return f"rank {rank}: node {topo.node_of(rank)} GPU {topo.local_of(rank)}, {backend}, {self.device}"
 
@@ -258,6 +266,8 @@ class GPUWorker:
             hidden = torch.cat(parts)
         else:
             (hidden,) = run_interleaved([self._forward(inp)])
+        assert self.ep.recorder is not None
+        self.ep.recorder.step()
         out: SamplerOutput | torch.Tensor | None = None
         if inp is not None and self.tp_rank == 0:
             if inp.sampling is None or inp.sample_indices.numel() == 0:
@@ -279,10 +289,10 @@ class GPUWorker:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         self.kv_cache.index_copy_(1, idx, kv.to(device=self.device, dtype=self.kv_cache.dtype))
 
-    def expert_load(self) -> dict[int, torch.Tensor]:
-        """Routed assignments per logical expert per MoE layer counted by this rank since the last call."""
-        load, self.ep.load = self.ep.load, {}
-        return load
+    def expert_load(self) -> np.ndarray:
+        """[moe_layers, experts] routed assignments this rank dispatched over its recorder's window of steps."""
+        assert self.ep.recorder is not None
+        return self.ep.recorder.load()
 
     def _hosted_plan(self, phy2log: np.ndarray) -> dict[int, list[int]]:
         spg = self.topo.slots_per_gpu
@@ -331,7 +341,7 @@ class GPUWorker:
         mine = slice(self.rank * spg, (self.rank + 1) * spg)
         self.phy2log, self.log2phy, self.replica_count = phy2log, log2phy, replica_count
         for j, layer in enumerate(self.config.moe_layers):
-            self.ep.log2phy[layer] = torch.tensor(log2phy[j])
+            self.ep.log2phy[layer] = rotate_replicas(torch.tensor(log2phy[j]), torch.tensor(replica_count[j]), self.rank)
             self.ep.replica_count[layer] = torch.tensor(replica_count[j])
             self.ep.phy2log_local[layer] = torch.tensor(phy2log[j, mine])
         self._staged = None
