@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.raymoe-installed
 
-.PHONY: serve test lint bench clean generate
+.PHONY: serve test lint bench clean generate prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The metrics test scrapes through a real Prometheus when one is on PATH (Debian packages it;
+# Grafana is not packaged). Best effort: without root or apt the test falls back to Ray's endpoint.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing prometheus (apt-get) for the metrics test"; \
+	    (apt-get install -y -q prometheus >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q prometheus >/dev/null 2>&1)) || \
+	    echo "prometheus not installed: the metrics test will use Ray's export endpoint only"; \
+	  else echo "no prometheus on PATH: the metrics test will use Ray's export endpoint only"; fi; }
+
+test: $(STAMP) prometheus
 	$(PY) -m ruff check .
 	bash scripts/test.sh $(PY)
 
