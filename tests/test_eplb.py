@@ -110,7 +110,7 @@ def test_shared_expert_as_an_always_selected_routed_expert() -> None:
     tokens = 900.0
     routed = np.full((1, 16), tokens * 8 / 16)
     load = np.concatenate([routed, [[tokens]]], axis=1)  # column 16 = the shared expert
-    plan = rebalance(load, 1, 4, 5, 1, regime="global")
+    plan = rebalance(load, 1, 4, 5, 1, mode="global")
     assert plan.replica_count[0, 16] == plan.replica_count[0].max()
 
 
@@ -134,7 +134,19 @@ def test_bad_input_raises_value_error(load: np.ndarray, kwargs: dict, message: s
 
 def test_hierarchical_refuses_a_shape_it_cannot_serve() -> None:
     with pytest.raises(ValueError, match="hierarchical"):
-        rebalance(np.ones((1, 8)), 2, 2, 2, 1, regime="hierarchical")
+        rebalance(np.ones((1, 8)), 2, 2, 2, 1, mode="hierarchical")
+    with pytest.raises(ValueError, match="mode"):
+        rebalance(np.ones((1, 8)), 1, 4, 2, 1, mode="flat")
+    with pytest.raises(ValueError, match="disagree"):
+        rebalance(np.ones((1, 8)), 1, 4, 2, 1, mode="global", regime="hierarchical")
+
+
+def test_mode_selects_the_regime_by_keyword() -> None:
+    load = np.arange(1.0, 33.0)[None, :]
+    kwargs = {"num_nodes": 2, "gpus_per_node": 2, "slots_per_gpu": 10, "num_groups": 4}
+    assert rebalance(load, **kwargs).regime == "hierarchical"
+    assert rebalance(load, **kwargs, mode="global").regime == "global"
+    assert rebalance(load, **kwargs, regime="global").regime == "global"  # the older keyword
 
 
 @FAST

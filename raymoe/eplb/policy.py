@@ -12,7 +12,7 @@ ways (figures in docs/BENCHMARKS.md):
   budget; a fresh plan (relabelled to overlap the previous one as much as possible) replaces it
   in a layer only when it balances that layer more than `tolerance` better.
 
-Regimes (`regime=`):
+Regimes (`mode=`, also accepted as `regime=`):
 
 * ``"hierarchical"`` (prefill-style): the expert groups are packed onto nodes (each group's
   experts and all their replicas stay on one node, so node-limited routing sends no more traffic
@@ -23,7 +23,7 @@ Regimes (`regime=`):
 
 Shared expert: it can be balanced as a routed expert that every token selects. Append one column
 to `load` holding the number of tokens in the window (every token uses it once) and plan with
-``regime="global"`` (or ``num_groups=1``): it then gets replicas in proportion to its load (about
+``mode="global"`` (or ``num_groups=1``): it then gets replicas in proportion to its load (about
 a ninth of all slots at top-8 routing). The caller maps logical id ``num_routed`` to the shared
 expert when it builds dispatch tables (the decode unit: 256 routed + 1 shared on 320 GPUs).
 """
@@ -381,7 +381,7 @@ def _validate(
         if not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
     if regime not in ("auto", "hierarchical", "global"):
-        raise ValueError(f"regime: expected 'auto', 'hierarchical' or 'global', got {regime!r}")
+        raise ValueError(f"mode: expected 'auto', 'hierarchical' or 'global', got {regime!r}")
     n_exp = arr.shape[1]
     num_gpus = num_nodes * gpus_per_node
     num_slots = num_gpus * slots_per_gpu
@@ -557,20 +557,25 @@ def rebalance(
     slots_per_gpu: int,
     num_groups: int,
     previous: Placement | None = None,
+    mode: Regime | None = None,
     *,
-    regime: Regime = "auto",
+    regime: Regime | None = None,
     tolerance: float = 0.03,
     refine_swaps: int | None = None,
     move_swaps: int | None = None,
 ) -> Placement:
     """Plans every layer's placement from `load` [layers, logical experts] (tokens per expert).
 
-    `previous` makes the plan migration-aware (see the module docstring); `tolerance` is how much
+    `mode` picks the regime (``"auto"`` by default; ``regime=`` is the same knob under its older
+    name). `previous` makes the plan migration-aware (see the module docstring); `tolerance` is how much
     worse (relative imbalance) a layer's anchored plan may be than a fresh one and still be kept.
     `refine_swaps` / `move_swaps` cap the local search per unit for fresh / anchored plans.
     Raises ValueError naming the problem for negative or NaN load, too few slots, groups that do
     not divide the experts, or a hierarchical request that the shape does not allow.
     """
+    if mode is not None and regime is not None and mode != regime:
+        raise ValueError(f"mode={mode!r} and regime={regime!r} disagree: pass one of them")
+    regime = mode if mode is not None else regime if regime is not None else "auto"
     w_all = _validate(load, num_nodes, gpus_per_node, slots_per_gpu, num_groups, regime)
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance: expected a fraction in [0, 1), got {tolerance}")
@@ -579,7 +584,7 @@ def rebalance(
     num_gpus = num_nodes * gpus_per_node
     why_not = _hierarchical_problem(n_exp, num_nodes, gpus_per_node, k, num_groups)
     if regime == "hierarchical" and why_not:
-        raise ValueError(f"regime='hierarchical' is not possible: {why_not}")
+        raise ValueError(f"mode='hierarchical' is not possible: {why_not}")
     chosen = "hierarchical" if regime == "hierarchical" or (regime == "auto" and why_not is None) else "global"
     if previous is not None:
         shape_ref = Placement.from_phy2log(
