@@ -4,18 +4,16 @@ Runs on the device that holds the routing tensors, before each MoE layer's dispa
 
 * ``static``: each expert's pairs are dealt round-robin over its replicas in token order. Stateless
   and cheap; each replica gets its expert's tokens to within one.
-* ``balanced`` (dynamic redundancy): starting from the static split, each expert with several
-  replicas in turn has its tokens re-spread by water-filling over its replicas' GPUs, given the
-  load every other expert puts there. A pass never raises the busiest GPU's count, so the result
-  is never worse than static; two passes get most of the gain. Only the per-expert token counts
-  (a few hundred integers) leave the device for the water-filling.
+* ``balanced`` (dynamic redundancy): starting from the static split, every expert with several
+  replicas re-spreads its tokens by water-filling over its replicas' GPUs given the load the
+  others put there (damped Jacobi rounds, vectorised over experts and replicas, on the routing
+  device with no host sync). The result is checked against static and never worse.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import torch
 
 ReplicaChoice = Literal["static", "balanced"]
@@ -32,75 +30,82 @@ def _check(log2phy: torch.Tensor, replica_count: torch.Tensor, topk_ids: torch.T
         raise ValueError(f"topk_ids: expected an integer tensor, got {topk_ids.dtype}")
 
 
-def _pair_rank(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rank of each pair among its expert's pairs in token order, pairs per expert)."""
+def _pair_order(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pairs sorted by expert, stable in token order; start of each expert's run; pairs per expert)."""
     counts = torch.bincount(flat, minlength=num_experts)
     order = torch.argsort(flat, stable=True)
     starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
-    rank = torch.empty_like(rank_sorted)
-    rank[order] = rank_sorted
-    return rank, counts
+    return order, starts, counts
 
 
-def _water_fill(base: list[int], n: int) -> list[int]:
-    """Integer split of n tokens over GPUs with loads `base` minimising the largest sum.
+def _static_split(counts: torch.Tensor, replica_count: torch.Tensor, max_rep: int) -> torch.Tensor:
+    """Tokens per (expert, replica) [E, R] when each expert's tokens are dealt round-robin."""
+    rc = replica_count.clamp(min=1)[:, None]
+    j = torch.arange(max_rep, device=counts.device)[None, :]
+    c = counts[:, None]
+    return torch.where(j < rc, c // rc + (j < c % rc).long(), 0)
 
-    Plain Python: an expert has a handful of replicas, where numpy's per-call cost dominates.
+
+def _water_level(base: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[E] level L with sum_j max(0, L - base[e, j]) = counts[e]; base [E, R] is inf where padded.
+
+    With the bases sorted, filling the m lowest gives level (counts + their sum) / m; the true
+    level is the smallest of these over m (adding a bucket below the level lowers it, above raises it).
     """
-    r = len(base)
-    order = sorted(range(r), key=base.__getitem__)
-    total = 0
-    m = 0
-    for i, idx in enumerate(order):
-        total += base[idx]
-        m = i + 1
-        if m == r or n + total <= base[order[m]] * m:  # the level does not reach the next GPU
-            break
-    level = (n + total) // m  # >= every included base: they are integers below the real level
-    x = [0] * r
-    for idx in order[:m]:
-        x[idx] = level - base[idx]
-    for idx in order[: n + total - level * m]:
-        x[idx] += 1
-    return x
+    sb, _ = torch.sort(base, dim=1)
+    finite = torch.isfinite(sb)
+    m = torch.arange(1, sb.shape[1] + 1, device=sb.device, dtype=sb.dtype)
+    level = (counts[:, None] + torch.cumsum(torch.where(finite, sb, 0.0), dim=1)) / m
+    return torch.where(finite, level, torch.inf).amin(dim=1)
 
 
 def _balanced_split(
-    counts: np.ndarray, log2phy: np.ndarray, replica_count: np.ndarray, slots_per_gpu: int, num_gpus: int,
-    passes: int,
-) -> np.ndarray:
-    """Tokens per (expert, replica) [E, R]: static split refined by per-expert water-filling."""
+    counts: torch.Tensor, log2phy: torch.Tensor, replica_count: torch.Tensor, slots_per_gpu: int,
+    num_gpus: int, iterations: int,
+) -> torch.Tensor:
+    """Tokens per (expert, replica) [E, R] minimising the busiest GPU, all in torch on the routing
+    device (no host round trip, a fixed number of small kernels).
+
+    Damped Jacobi water-filling: every expert at once re-spreads its tokens over its replicas'
+    GPUs given the others' current load, moving 1/n of the way where n is the most multi-replica
+    experts sharing one of its GPUs (so experts converging on one idle GPU do not overshoot it).
+    The best iterate is rounded per expert (cumulative rounding keeps each expert's total exact),
+    and the static split is kept when it is no worse, so balanced never loses to static.
+    """
     num_experts, max_rep = log2phy.shape
-    rc = np.maximum(replica_count, 1)
-    j = np.arange(max_rep)[None, :]
-    split = np.where(j < rc[:, None], counts[:, None] // rc[:, None] + (j < (counts % rc)[:, None]), 0)
+    static = _static_split(counts, replica_count, max_rep)
     valid = log2phy >= 0
-    gpu = np.where(valid, log2phy // slots_per_gpu, 0)
-    load_arr = np.zeros(num_gpus, dtype=np.int64)
-    np.add.at(load_arr, gpu[valid], split[valid])
-    multi = np.nonzero((replica_count > 1) & (counts > 0))[0]
-    multi = multi[np.argsort(-counts[multi], kind="stable")].tolist()
-    gpu_load = load_arr.tolist()
-    gpus = {e: gpu[e, : int(replica_count[e])].tolist() for e in multi}
-    parts = {e: split[e, : int(replica_count[e])].tolist() for e in multi}
-    n_of = {e: int(counts[e]) for e in multi}
-    for _ in range(passes):
-        changed = False
-        for e in multi:
-            g, old = gpus[e], parts[e]
-            base = [gpu_load[gi] - xi for gi, xi in zip(g, old, strict=True)]
-            new = _water_fill(base, n_of[e])
-            if new != old:
-                changed = True
-                for gi, b, xi in zip(g, base, new, strict=True):
-                    gpu_load[gi] = b + xi
-                parts[e] = new
-        if not changed:
-            break
-    for e in multi:
-        split[e, : len(parts[e])] = parts[e]
-    return split
+    gpu = torch.where(valid, log2phy // slots_per_gpu, 0)
+    multi = valid & (replica_count > 1)[:, None]
+    if iterations < 1 or not bool(multi.any()):
+        return static
+    c = counts.double()
+    share = torch.zeros(num_gpus, dtype=torch.float64, device=c.device).scatter_add_(
+        0, gpu[multi], torch.ones_like(gpu[multi], dtype=torch.float64)
+    )
+    step = 1.0 / torch.where(multi, share[gpu], 1.0).amax(dim=1).clamp(min=1.0)
+    x = static.double()
+    best, best_max = x, torch.full((), torch.inf, dtype=torch.float64, device=c.device)
+    flat_gpu = gpu.reshape(-1)
+    for _ in range(iterations):
+        load = torch.zeros(num_gpus, dtype=torch.float64, device=c.device).scatter_add_(0, flat_gpu, x.reshape(-1))
+        peak = load.max()
+        better = peak < best_max
+        best = torch.where(better, x, best)
+        best_max = torch.minimum(peak, best_max)
+        base = torch.where(valid, load[gpu] - x, torch.inf)
+        target = torch.where(valid, (_water_level(base, c)[:, None] - base).clamp(min=0.0), 0.0)
+        x = torch.where(multi, x + step[:, None] * (target - x), x)
+    cum = torch.round(torch.cumsum(best, dim=1)).long()
+    cum[:, -1] = counts
+    rounded = torch.diff(cum, dim=1, prepend=torch.zeros_like(cum[:, :1]))
+
+    def peak_of(split: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(num_gpus, dtype=torch.long, device=c.device).scatter_add_(
+            0, flat_gpu, split.reshape(-1)
+        ).max()
+
+    return torch.where(peak_of(rounded) <= peak_of(static), rounded, static)
 
 
 def choose_replicas(
@@ -111,13 +116,14 @@ def choose_replicas(
     mode: ReplicaChoice = "static",
     *,
     num_gpus: int | None = None,
-    passes: int = 2,
+    iterations: int = 32,
 ) -> torch.Tensor:
     """Physical slot [T, K] for each routed pair of `topk_ids` [T, K] (logical expert ids).
 
     `log2phy` [experts, max_replicas] (padded with -1) and `replica_count` [experts] are one
     layer of a `Placement` (`Placement.layer_tensors(layer, device)`); GPU of a slot is
-    `slot // slots_per_gpu`.
+    `slot // slots_per_gpu`. Pass `num_gpus` (otherwise read from `log2phy`, a device sync);
+    `iterations` bounds the balanced mode's water-filling rounds.
     """
     _check(log2phy, replica_count, topk_ids)
     if mode not in ("static", "balanced"):
@@ -126,20 +132,24 @@ def choose_replicas(
     flat = topk_ids.reshape(-1).long()
     if flat.numel() == 0:
         return torch.empty_like(topk_ids, dtype=torch.long)
-    rank, counts = _pair_rank(flat, num_experts)
-    rc = replica_count.to(flat.device).long().clamp(min=1)
+    order, starts, counts = _pair_order(flat, num_experts)
+    l2p = log2phy.to(flat.device).long()
     if mode == "static":
-        replica = rank % rc[flat]
+        rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        rank = torch.empty_like(rank_sorted)
+        rank[order] = rank_sorted
+        rc = replica_count.to(flat.device).long().clamp(min=1)
+        slots = l2p[flat, rank % rc[flat]]
     else:
         if num_gpus is None:
             num_gpus = int(log2phy.max().item()) // slots_per_gpu + 1
-        split = _balanced_split(
-            counts.cpu().numpy(), log2phy.cpu().numpy(), replica_count.cpu().numpy(), slots_per_gpu,
-            num_gpus, passes,
-        )
-        cum = torch.from_numpy(np.cumsum(split, axis=1)).to(flat.device)  # [E, R]
-        replica = (rank[:, None] >= cum[flat]).sum(dim=1)
-    slots = log2phy.to(flat.device)[flat, replica]
+        split = _balanced_split(counts, l2p, replica_count.to(flat.device).long(), slots_per_gpu, num_gpus, iterations)
+        # In expert-sorted order, pair p goes to the (expert, replica) whose run of the split covers
+        # p: one searchsorted over the flattened cumulative split instead of a [pairs, R] compare.
+        ends = torch.cumsum(split.reshape(-1), 0)
+        cell = torch.searchsorted(ends, torch.arange(flat.numel(), device=flat.device), right=True)
+        slots = torch.empty_like(flat)
+        slots[order] = l2p.reshape(-1)[cell]
     return slots.view(topk_ids.shape)
 
 
