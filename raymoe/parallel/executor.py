@@ -9,7 +9,6 @@ with a clear error; the unit is then torn down and must be rebuilt as a whole.
 
 from __future__ import annotations
 
-import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -81,12 +80,6 @@ class _UnitMetrics:
         self.steps.inc()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 def initial_placement(topo: Topology, model: ModelConfig, node_limited: bool, load: np.ndarray | None = None) -> Any:
     """Placement of every MoE layer from `load` (uniform without statistics): groups on nodes when node-limited."""
     from raymoe.eplb.policy import rebalance
@@ -134,8 +127,8 @@ class ExpertParallelExecutor:
         self._failure: str | None = None
         self.last_stats = StepStats()
         self._metrics: _UnitMetrics | None = None
-        self._store = torch.distributed.TCPStore(
-            "0.0.0.0", _free_port(), is_master=True, wait_for_workers=False,
+        self._store: Any = torch.distributed.TCPStore(
+            "0.0.0.0", 0, is_master=True, wait_for_workers=False,  # port 0: the OS picks a free one
             timeout=timedelta(seconds=parallel.collective_timeout_s),
         )
         host = ray.util.get_node_ip_address()
@@ -340,6 +333,7 @@ class ExpertParallelExecutor:
             except Exception:
                 pass
         self.workers = []
+        self._store = None  # the rendezvous is over; frees its port
         for pg in getattr(self, "pgs", []):
             try:
                 remove_placement_group(pg)
