@@ -89,6 +89,20 @@ def test_llm_parallel_same_as_single_process(unit_1x2: ExpertParallelExecutor) -
     try:
         assert llm.engine.dp_size == 2
         got = [o.token_ids for o in llm.generate(PROMPTS, params)]
+        # disaggregation through the unit: prefill-only, KV out of one DP rank (read_kv), into another (write_kv)
+        engine = llm.engine
+        prompt = engine.tokenizer.encode(PROMPTS[1])
+        engine.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0.0), prefill_only=True)
+        while engine.has_unfinished_requests():
+            engine.step()
+        handoff = engine.export_kv("p")
+        assert handoff.first_token_id == want[1][0] and handoff.kv.shape[1] == len(prompt)
+        engine.add_request_with_kv("d", handoff, params)
+        tokens: list[int] = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens += out.new_token_ids
     finally:
         llm.shutdown()
     assert got == want
+    assert [handoff.first_token_id, *tokens] == want[1]
