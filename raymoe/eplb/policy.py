@@ -637,6 +637,18 @@ def rebalance(
     imb_fresh = _layer_imbalance_units(fresh, w_units, units)
     imb_anc = _layer_imbalance_units(anc, w_units, units)
     keep = imb_anc <= imb_fresh * (1 + tolerance)
+    if not keep.all():
+        # Second try for those layers: the fresh plan's replica counts, reached from the previous
+        # slots (surplus replicas dropped, new ones into the freed slots), then a longer search.
+        again = np.nonzero(~keep)[0]
+        anc2, ok2 = _anchored_to_counts(
+            fresh.reshape(num_layers, -1), prev_local, w, to_anchor, again, units, p, k, n_exp, 4 * move_swaps
+        )
+        if ok2.any():
+            imb2 = _layer_imbalance_units(anc2.reshape(-1, p, k), np.repeat(w_all[again], units, axis=0), units)
+            use = ok2 & (imb2 <= imb_fresh[again] * (1 + tolerance))
+            anc.reshape(num_layers, units, p, k)[again[use]] = anc2[use]
+            keep[again[use]] = True
     out = anc.reshape(num_layers, units, p, k)
     fresh_l = fresh.reshape(num_layers, units, p, k)
     prev_l = prev_phy.reshape(num_layers, units, p, k)
@@ -644,6 +656,40 @@ def rebalance(
         out[layer] = _align_to_previous(fresh_l[layer], prev_l[layer], n_exp)
     stats["anchored_layers"] = int(keep.sum())
     return Placement.from_phy2log(out.reshape(num_layers, -1), n_exp, num_nodes, gpus_per_node, k, chosen, stats)
+
+
+def _anchored_to_counts(
+    fresh_phy: np.ndarray,
+    prev_local: np.ndarray,
+    w: np.ndarray,
+    to_anchor: np.ndarray,
+    layers: np.ndarray,
+    units: int,
+    p: int,
+    k: int,
+    n_exp: int,
+    swaps: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Plans `layers` from their previous slots with the fresh plan's replica counts:
+    ([len(layers), units, P, k] global ids, [len(layers)] whether it applied). It applies where
+    every unit's experts have exactly that unit's slots in the fresh plan (same grouping)."""
+    n = to_anchor.shape[1]
+    fresh_counts = _counts_of(fresh_phy[layers], n_exp)  # [l, n_exp]
+    idx = (layers[:, None] * units + np.arange(units)).reshape(-1)  # unit rows of these layers
+    counts = np.take_along_axis(np.repeat(fresh_counts, units, axis=0), to_anchor[idx], axis=1)
+    ok = (counts.sum(axis=1) == p * k).reshape(len(layers), units).all(axis=1)
+    rows = idx.reshape(len(layers), units)[ok].reshape(-1)
+    slots = prev_local[rows].copy()
+    cnt = np.take_along_axis(np.repeat(fresh_counts[ok], units, axis=0), to_anchor[rows], axis=1)
+    per_rep = w[rows] / np.maximum(cnt, 1)
+    for u in range(len(rows)):
+        old = _counts_of(np.where(slots[u : u + 1] >= 0, slots[u : u + 1], n), n + 1)[0, :n]
+        _fill_unit(slots[u], per_rep[u], cnt[u], old)
+    slots, _ = _refine(slots, per_rep, swaps, n)
+    out = np.zeros((len(layers), units, p, k), dtype=np.int64)
+    glob = np.take_along_axis(to_anchor[rows], slots.reshape(len(rows), -1), axis=1)
+    out[ok] = glob.reshape(-1, units, p, k)
+    return out, ok
 
 
 def _drop_duplicates(slots: np.ndarray) -> np.ndarray:
