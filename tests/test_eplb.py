@@ -220,3 +220,25 @@ def test_recorder_counts_window_and_merge() -> None:
         rec.record(2, steps[0])
     with pytest.raises(ValueError, match="shape"):
         rec.merge(np.zeros((3, 6)))
+
+
+@FAST
+@given(st.lists(st.integers(0, 500), min_size=1, max_size=6), st.integers(0, 1000))
+def test_water_level_fills_exactly_the_tokens(bases: list[int], tokens: int) -> None:
+    from raymoe.eplb.replica import _water_level
+
+    base = torch.tensor([bases + [float("inf")] * 2], dtype=torch.float64)  # padded like log2phy rows
+    level = float(_water_level(base, torch.tensor([float(tokens)], dtype=torch.float64))[0])
+    assert sum(max(0.0, level - b) for b in bases) == pytest.approx(tokens, abs=1e-6)
+
+
+def test_balanced_choice_reaches_the_water_level_and_handles_empty_steps() -> None:
+    # expert 0 on GPUs 0, 1, 2; GPU 0 also has 90 fixed tokens, GPU 1 30: the optimum puts 0 / 60 / 90
+    phy2log = np.array([[0, 1, 0, 2, 0, 3]])
+    plan = Placement.from_phy2log(phy2log, 4, 1, 3, 2)
+    l2p, rc = plan.layer_tensors(0)
+    ids = torch.tensor([0] * 150 + [1] * 90 + [2] * 30, dtype=torch.int32).view(-1, 1)
+    counts = gpu_token_counts(choose_replicas(l2p, rc, 2, ids, "balanced", num_gpus=3), 2, 3)
+    assert counts.tolist() == [90, 90, 90]
+    empty = choose_replicas(l2p, rc, 2, torch.empty(0, 8, dtype=torch.long), "balanced", num_gpus=3)
+    assert empty.shape == (0, 8)
