@@ -27,7 +27,11 @@ class ExpertLoadRecorder:
         self.merged = np.zeros((num_layers, num_experts), dtype=np.float64)  # counts added from elsewhere
 
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Adds one MoE layer's routed expert ids ([T, K], any integer dtype) to the current step."""
+        """Adds one MoE layer's routed expert ids ([T, K], any integer dtype) to the current step.
+
+        Ids at or past `num_experts` (e.g. a shared expert routed as one more id) are not counted;
+        they are not checked either, since that would cost a device sync per layer.
+        """
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer: {layer} outside [0, {self.num_layers})")
         flat = topk_ids.reshape(-1).to(self.counts.device, torch.long)
@@ -46,7 +50,11 @@ class ExpertLoadRecorder:
         return self.counts.sum(0).cpu().numpy().astype(np.float64) + self.merged
 
     def merge(self, other: ExpertLoadRecorder | np.ndarray) -> None:
-        """Adds another rank's window (a recorder or its `load()`): counts add."""
+        """Adds another rank's window (a recorder or its `load()`): counts add.
+
+        The merged counts are a snapshot: they stay in `load()` until `reset()` and do not slide
+        out with this recorder's steps (the tracker merges fresh snapshots each re-plan).
+        """
         arr = other.load() if isinstance(other, ExpertLoadRecorder) else np.asarray(other, dtype=np.float64)
         if arr.shape != (self.num_layers, self.num_experts):
             raise ValueError(
