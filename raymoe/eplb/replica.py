@@ -33,7 +33,7 @@ def _check(log2phy: torch.Tensor, replica_count: torch.Tensor, topk_ids: torch.T
 def _pair_order(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pairs sorted by expert, stable in token order; start of each expert's run; pairs per expert)."""
     counts = torch.bincount(flat, minlength=num_experts)
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(flat.int(), stable=True)  # int32 keys sort about twice as fast
     starts = torch.cumsum(counts, 0) - counts
     return order, starts, counts
 
