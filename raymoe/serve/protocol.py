@@ -45,6 +45,11 @@ class QueueFullError(Exception):
     """A replica's waiting queue is full: the ingress answers 503 with Retry-After."""
 
 
+class UnitUnavailable(QueueFullError):
+    """The replica's deployment unit failed (e.g. a GPU worker died): 503 with Retry-After while Serve
+    restarts the replica, and with it the whole unit (its workers are gang-created by the replica)."""
+
+
 class RequestRejected(Exception):
     """The engine refused a request for a reason the client can fix (too long for the cache...): 400."""
 

@@ -25,7 +25,7 @@ from raymoe.engine.llm_engine import EngineConfig, KVHandoff, LLMEngine, Request
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.serve.config import ServeConfig, UnitConfig
 from raymoe.serve.kv_transport import KVTicket, make_transport
-from raymoe.serve.protocol import QueueFullError, RequestRejected
+from raymoe.serve.protocol import QueueFullError, RequestRejected, UnitUnavailable
 
 
 @dataclass
@@ -102,6 +102,7 @@ class EngineServer:
         self._steps = 0
         self._step_seconds = 0.0
         self._step_batch = 0
+        self._failure: BaseException | None = None  # the unit failed: no more steps, health check fails
 
     # --- the engine thread ---------------------------------------------------------------------
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -125,7 +126,28 @@ class EngineServer:
         self._stats = self.engine.stats()
         return outs
 
+    def _unavailable(self) -> UnitUnavailable:
+        return UnitUnavailable(
+            f"{self.role} replica {self.replica}: its deployment unit failed ({self._failure!r}); "
+            "the replica is being restarted"
+        )
+
+    async def _next(self, q: asyncio.Queue[Any]) -> RequestOutput:
+        item = await q.get()
+        if isinstance(item, BaseException):
+            raise self._unavailable()
+        return item
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """A failed step leaves the unit's state unknown: fail every request in flight (their streams
+        end with 503), refuse new ones, and let the health check hand the replica to Serve to restart."""
+        self._failure = exc
+        for q in self._queues.values():
+            q.put_nowait(exc)  # type: ignore[arg-type]
+
     def _ensure_loop(self) -> None:
+        if self._failure is not None:
+            raise self._unavailable()
         if self._loop_task is None or self._loop_task.done():
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -139,7 +161,11 @@ class EngineServer:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.config.metrics_interval_s)
                 continue
-            outs = await self._call(self._step)
+            try:
+                outs = await self._call(self._step)
+            except Exception as exc:
+                self._fail_all(exc)
+                raise
             for out in outs:
                 q = self._queues.get(out.request_id)
                 if q is not None:
@@ -201,7 +227,7 @@ class EngineServer:
         last_sent = time.monotonic()
         try:
             while not finished:
-                outs = [await q.get()]
+                outs = [await self._next(q)]
                 if interval > 0 and not outs[0].finished:
                     # vLLM's stream interval: one message per request per interval, not per token; each
                     # message is a Ray streaming item and an SSE event, so this bounds per-token overhead
@@ -209,7 +235,10 @@ class EngineServer:
                     if wait > 0:
                         await asyncio.sleep(wait)
                 while not q.empty():
-                    outs.append(q.get_nowait())
+                    item = q.get_nowait()
+                    if isinstance(item, BaseException):
+                        raise self._unavailable()
+                    outs.append(item)
                 last_sent = time.monotonic()
                 ids = [t for o in outs for t in o.new_token_ids]
                 last = outs[-1]
@@ -249,6 +278,8 @@ class EngineServer:
         }
 
     async def check_health(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"{self.role} replica {self.replica}: deployment unit failed: {self._failure!r}")
         if self._loop_task is not None and self._loop_task.done() and not self._loop_task.cancelled():
             exc = self._loop_task.exception()
             if exc is not None:
@@ -287,7 +318,7 @@ class PrefillServer(EngineServer):
         q = self._admit(request_id)
         await self._add(self._add_prefill_only, request_id, prompt, params)
         try:
-            out = await q.get()
+            out = await self._next(q)
         except BaseException:
             self._abort_soon(request_id)
             raise
