@@ -133,6 +133,8 @@ class MLA(nn.Module):
     # prefill attention materialises its scores up to this many elements (64 MiB in float32),
     # beyond that SDPA's memory-bounded kernel takes over
     PREFILL_SCORES_MAX = 16 << 20
+    # scores computed per chunk of sequences: about this many elements (1 MiB float32, cache-sized)
+    PREFILL_SCORES_CHUNK = 1 << 18
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -235,10 +237,18 @@ class MLA(nn.Module):
         v = kvb[..., dn:]
         q = torch.cat((q_nope, q_pe), dim=-1)[group.tokens]  # [Sp, Qp, H, dqk]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if sp * h * qp * lp <= self.PREFILL_SCORES_MAX:
-            # small enough to hold all scores: plain matmuls beat SDPA's masked CPU path
-            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.softmax_scale).add_(group.bias_as(q.dtype))
-            o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+        if h * qp * lp <= self.PREFILL_SCORES_MAX:
+            # plain matmuls beat SDPA's masked CPU path; a few sequences at a time, so the scores
+            # (matmul, scale, mask, softmax, matmul) stay in cache instead of streaming through DRAM
+            step = max(1, min(sp, self.PREFILL_SCORES_CHUNK // (h * qp * lp)))
+            bias = group.bias_as(q.dtype)
+            chunks = []
+            for a in range(0, sp, step):
+                scores = torch.matmul(q[a : a + step], k[a : a + step].transpose(-1, -2))
+                scores.mul_(self.softmax_scale).add_(bias[a : a + step])
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+                chunks.append(torch.matmul(probs, v[a : a + step]))
+            o = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=self.softmax_scale)
         # o: [Sp, H, Qp, dv]
@@ -329,6 +339,8 @@ class MoE(nn.Module):
     # Padding rows each expert with tokens may add before one batched matmul over all hosted experts
     # costs more than a matmul pair per expert (a call costs about as much as 16 rows on a CPU core).
     PAD_ROWS_PER_EXPERT = 16
+    # grouped-GEMM path: tokens per chunk for large (prefill) batches
+    CHUNK_TOKENS = 1024
 
     def __init__(self, config: ModelConfig, hosted: Iterable[int] | None = None) -> None:
         super().__init__()
@@ -406,10 +418,17 @@ class MoE(nn.Module):
         """
         t, k = ids.shape
         ids, weights = ids.to(x.device), weights.to(x.device)  # a dispatcher may hand them over on the host
-        out = torch.zeros_like(x)
         st = self.expert_stack()
         if t == 0 or st is None:
-            return out
+            return torch.zeros_like(x)
+        if t > self.CHUNK_TOKENS and self.use_grouped_mm(x):
+            # a prefill's tokens a chunk at a time: the gathered rows and activations stay
+            # cache-sized and reuse freed memory instead of faulting in fresh pages every layer
+            c = self.CHUNK_TOKENS
+            return torch.cat(
+                [self.expert_forward(x[a : a + c], ids[a : a + c], weights[a : a + c]) for a in range(0, t, c)]
+            )
+        out = torch.zeros_like(x)
         lo, hi = torch.aminmax(ids)
         if int(lo) < 0 or int(hi) >= self.n_routed_experts:
             raise ValueError(f"expert ids must be in [0, {self.n_routed_experts})")
@@ -430,8 +449,8 @@ class MoE(nn.Module):
             # exact rows, one grouped GEMM per projection: no padding FLOPs, no per-expert calls
             offs = torch.cumsum(counts, 0).to(torch.int32)
             h = torch._grouped_mm(x.index_select(0, token), st.w13.transpose(1, 2), offs=offs)
-            ys = torch._grouped_mm(F.silu(h[:, :inter]) * h[:, inter:], st.w2.transpose(1, 2), offs=offs)
-            return out.index_add_(0, token, ys * w.unsqueeze(1))
+            ys = torch._grouped_mm(F.silu(h[:, :inter]).mul_(h[:, inter:]), st.w2.transpose(1, 2), offs=offs)
+            return out.index_add_(0, token, ys.mul_(w.unsqueeze(1)))
         counts_list = counts.tolist()
         width = max(counts_list)
         active = sum(1 for c in counts_list if c)
