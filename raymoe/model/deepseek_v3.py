@@ -8,6 +8,7 @@ direct name map. No distribution in here: the expert-parallel runtime drives `Mo
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -308,12 +309,15 @@ class Gate(nn.Module):
         return ids, weights * self.route_scale
 
 
+_weight_of = operator.methodcaller("get", "weight")
+
+
 @dataclass
 class ExpertStack:
     """The hosted experts' weights as batched tensors: w13 [E_h, D, 2I] (gate columns then up columns), w2 [E_h, I, D].
 
-Input-major (x @ w, the Linears' weights transposed): a few-row matmul streams the weight rows
-in order, ~15% faster on a CPU core than the [out, in] layout at decode sizes.
+    Input-major (x @ w, the Linears' weights transposed): a few-row matmul streams the weight rows
+    in order, ~15% faster on a CPU core than the [out, in] layout at decode sizes.
 
     row[e] is expert e's index in the stack (-1: not hosted). It remembers the modules and
     parameters it was built from, so a swapped or moved expert is noticed and the stack rebuilt.
@@ -326,12 +330,17 @@ in order, ~15% faster on a CPU core than the [out, in] layout at decode sizes.
     row: torch.Tensor
     all_hosted: bool
 
+    def __post_init__(self) -> None:
+        # the checks below run every MoE call: kept to C-level iteration (map), not Python loops
+        self._param_dicts = [lin._parameters for lin, _ in self.params]
+        self._param_objs = [p for _, p in self.params]
+
     def valid_for(self, experts: nn.ModuleList) -> bool:
         """Same expert modules, same parameter objects, still views of this stack (not moved by .to())."""
         mods = tuple(experts._modules.values())
-        if len(mods) != len(self.modules) or any(a is not b for a, b in zip(mods, self.modules, strict=True)):
+        if len(mods) != len(self.modules) or not all(map(operator.is_, mods, self.modules)):
             return False
-        if any(lin._parameters.get("weight") is not p for lin, p in self.params):
+        if not all(map(operator.is_, map(_weight_of, self._param_dicts), self._param_objs)):
             return False
         return self.params[0][1].data_ptr() == self.w13.data_ptr() and self.params[2][1].data_ptr() == self.w2.data_ptr()
 
