@@ -311,6 +311,18 @@ class Gate(nn.Module):
 
 _weight_of = operator.methodcaller("get", "weight")
 
+# bumped whenever any module registers or replaces a parameter: an expert stack re-checks its
+# parameters' identities only when one may have been swapped, not on every MoE call
+_param_epoch = 0
+
+
+def _count_param_registration(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    global _param_epoch
+    _param_epoch += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_param_registration)
+
 
 @dataclass
 class ExpertStack:
@@ -334,14 +346,17 @@ class ExpertStack:
         # the checks below run every MoE call: kept to C-level iteration (map), not Python loops
         self._param_dicts = [lin._parameters for lin, _ in self.params]
         self._param_objs = [p for _, p in self.params]
+        self._checked_epoch = -1
 
     def valid_for(self, experts: nn.ModuleList) -> bool:
         """Same expert modules, same parameter objects, still views of this stack (not moved by .to())."""
         mods = tuple(experts._modules.values())
         if len(mods) != len(self.modules) or not all(map(operator.is_, mods, self.modules)):
             return False
-        if not all(map(operator.is_, map(_weight_of, self._param_dicts), self._param_objs)):
-            return False
+        if self._checked_epoch != _param_epoch:
+            if not all(map(operator.is_, map(_weight_of, self._param_dicts), self._param_objs)):
+                return False
+            self._checked_epoch = _param_epoch
         return self.params[0][1].data_ptr() == self.w13.data_ptr() and self.params[2][1].data_ptr() == self.w2.data_ptr()
 
 
