@@ -234,10 +234,14 @@ class MLA(nn.Module):
         sp, lp = kv.shape[:2]
         qp = group.tokens.shape[1]
         kvb = self.kv_b_proj(kv[..., :r]).view(sp, lp, h, dn + dv)
-        k = torch.cat((kvb[..., :dn], kv[..., r:].unsqueeze(2).expand(sp, lp, h, dr)), dim=-1)
-        v = kvb[..., dn:]
-        q = torch.cat((q_nope, q_pe), dim=-1)[group.tokens]  # [Sp, Qp, H, dqk]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # q and k built head-major ([Sp, H, len, dqk]) in one copy each, so the score matmuls
+        # take them as they are instead of copying them again
+        k = kv.new_empty(sp, h, lp, dn + dr)
+        k[..., :dn] = kvb[..., :dn].transpose(1, 2)
+        k[..., dn:] = kv[..., r:].unsqueeze(1)  # the rope key is shared by every head
+        v = kvb[..., dn:].transpose(1, 2)
+        q = torch.cat((q_nope, q_pe), dim=-1).index_select(0, group.tokens.reshape(-1))
+        q = q.view(sp, qp, h, dn + dr).transpose(1, 2).contiguous()
         if h * qp * lp <= self.PREFILL_SCORES_MAX:
             # plain matmuls beat SDPA's masked CPU path; a few sequences at a time, so the scores
             # (matmul, scale, mask, softmax, matmul) stay in cache instead of streaming through DRAM
