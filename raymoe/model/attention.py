@@ -120,7 +120,8 @@ class PrefillGroup:
 
     tokens [S, Q] flat token index (padding repeats the last token), valid [S, Q] real queries,
     valid_flat / tokens_valid the same flattened, gather (see AttentionPlan), mask [S, 1, Q, L]
-    causal, offset by each sequence's cached context.
+    causal, offset by each sequence's cached context. whole: tokens are every token of the step in
+    order, with no padding (equal chunks, no decode), so queries and outputs need no gather/scatter.
     """
 
     tokens: torch.Tensor
@@ -128,6 +129,7 @@ class PrefillGroup:
     tokens_valid: torch.Tensor
     gather: torch.Tensor
     mask: torch.Tensor
+    whole: bool = False
     _bias_cache: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def bias_as(self, dtype: torch.dtype) -> torch.Tensor:
@@ -247,5 +249,6 @@ class AttentionPlan:
             gather, lp = gather_index(seqs, lp)
             kpos = torch.arange(lp, device=device)
             mask = (kpos.view(1, 1, lp) <= qabs.unsqueeze(2)).unsqueeze(1)
-            plan.p_groups.append(PrefillGroup(tokens, valid.reshape(-1), tokens[valid], gather, mask))
+            whole = len(group) == len(qlens) and all(qlens[i] == qp for i in group) and group == sorted(group)
+            plan.p_groups.append(PrefillGroup(tokens, valid.reshape(-1), tokens[valid], gather, mask, whole))
         return plan

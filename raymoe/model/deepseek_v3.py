@@ -240,7 +240,9 @@ class MLA(nn.Module):
         k[..., :dn] = kvb[..., :dn].transpose(1, 2)
         k[..., dn:] = kv[..., r:].unsqueeze(1)  # the rope key is shared by every head
         v = kvb[..., dn:].transpose(1, 2)
-        q = torch.cat((q_nope, q_pe), dim=-1).index_select(0, group.tokens.reshape(-1))
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        if not group.whole:
+            q = q.index_select(0, group.tokens.reshape(-1))
         q = q.view(sp, qp, h, dn + dr).transpose(1, 2).contiguous()
         if h * qp * lp <= self.PREFILL_SCORES_MAX:
             # plain matmuls beat SDPA's masked CPU path; a few sequences at a time, so the scores
@@ -258,7 +260,7 @@ class MLA(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=self.softmax_scale)
         # o: [Sp, H, Qp, dv]
         o = o.transpose(1, 2).reshape(sp * qp, h * dv)
-        if sp == 1 and qp == out.shape[0]:
+        if group.whole:
             out.copy_(o)
         else:
             out[group.tokens_valid] = o[group.valid_flat]
