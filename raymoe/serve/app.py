@@ -369,11 +369,32 @@ class OpenAIIngress:
         return JSONResponse(out)
 
 
+def _replica_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Options every deployment shares: hot-path logging and the replica's event-loop layout."""
+    opts: dict[str, Any] = {
+        "logging_config": {"log_level": cfg.log_level, "enable_access_log": cfg.access_log},
+    }
+    return opts
+
+
+def _runtime_env(cfg: ServeConfig) -> dict[str, Any]:
+    if not cfg.single_event_loop:
+        return {}
+    # read by Serve when the replica process imports it: set before the actor's worker starts
+    return {
+        "env_vars": {
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+            "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+        }
+    }
+
+
 def _server(cls: type, unit: UnitConfig, policy: str, config: dict[str, Any]) -> Any:
     from ray.serve.config import RequestRouterConfig
 
     from raymoe.serve.routing import EngineLoadRouter
 
+    cfg = ServeConfig.model_validate(config)
     resources = {unit.node_resource: 0.001} if unit.node_resource else {}
     return (
         serve.deployment(cls)
@@ -386,7 +407,9 @@ def _server(cls: type, unit: UnitConfig, policy: str, config: dict[str, Any]) ->
                 # a one-GPU unit holds its GPU; a multi-GPU unit's workers hold theirs (parallel runtime)
                 "num_gpus": 1 if unit.num_gpus == 1 else 0,
                 "resources": resources,
+                "runtime_env": _runtime_env(cfg),
             },
+            **_replica_options(cfg),
             request_router_config=RequestRouterConfig(
                 request_router_class=EngineLoadRouter,
                 request_router_kwargs={"policy": policy},
@@ -415,7 +438,9 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Any:
         ray_actor_options={
             "num_cpus": ing.num_cpus,
             "resources": {ing.node_resource: 0.001} if ing.node_resource else {},
+            "runtime_env": _runtime_env(cfg),
         },
+        **_replica_options(cfg),
     )
     if cfg.disaggregated:
         prefill = _server(PrefillServer, cfg.prefill, "least_loaded", conf)

@@ -206,6 +206,16 @@ class ServeConfig(_Strict):
         0.0, ge=0, le=1000, description="coalesce a request's streamed tokens over this window (0: every step)"
     )
     metrics_interval_s: float = Field(1.0, gt=0, description="how often replicas publish their gauges")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="Serve log level of every replica (INFO logs each request on the hot path)"
+    )
+    access_log: bool = Field(False, description="Serve's per-request access log line in every replica")
+    single_event_loop: bool = Field(
+        True,
+        description="run each replica's user code and its outgoing-request router on the replica's main event "
+        "loop (Serve's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0): "
+        "no cross-thread hand-off per streamed message",
+    )
 
     def units(self) -> dict[str, UnitConfig]:
         """The unit kinds this app deploys: prefill + decode, or one `llm` unit (the decode section)."""
