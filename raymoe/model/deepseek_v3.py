@@ -277,11 +277,23 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, inter_dim, bias=False)
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
+    # rows per chunk for large (prefill) inputs: the [rows, 2 * inter_dim] activations stay
+    # cache-sized and reuse freed memory instead of faulting in fresh pages every layer
+    CHUNK_ROWS = 1024
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fuse:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        h = F.linear(x, fused_weight(self, ("gate_proj", "up_proj")))
-        return self.down_proj(F.silu(h[..., : self.inter_dim]) * h[..., self.inter_dim :])
+        w13, i = fused_weight(self, ("gate_proj", "up_proj")), self.inter_dim
+        if x.dim() == 2 and x.shape[0] > self.CHUNK_ROWS:
+            c = self.CHUNK_ROWS
+            out = x.new_empty(x.shape[0], self.down_proj.out_features)
+            for a in range(0, x.shape[0], c):
+                h = F.linear(x[a : a + c], w13)
+                torch.mm(F.silu(h[:, :i]).mul_(h[:, i:]), self.down_proj.weight.t(), out=out[a : a + c])
+            return out
+        h = F.linear(x, w13)
+        return self.down_proj(F.silu(h[..., :i]).mul_(h[..., i:]))
 
 
 class Gate(nn.Module):
