@@ -95,3 +95,27 @@ def test_grafana_dashboard_uses_exported_metrics() -> None:
     defined = set(re.findall(r'"(raymoe_\w+)"', source))
     assert used and used <= defined, used - defined
     assert {"raymoe_ttft_seconds", "raymoe_tpot_seconds", "raymoe_kv_blocks_used", "raymoe_kv_handoff_bytes_total"} <= used
+
+
+def test_replica_hot_path_options() -> None:
+    """Serve accepts the logging and event-loop options every deployment gets; both can be turned back."""
+    from ray import serve
+
+    from raymoe.serve.app import _replica_options, _runtime_env
+    from raymoe.serve.config import ServeConfig
+
+    class Probe:
+        pass
+
+    cfg = ServeConfig()
+    dep = serve.deployment(Probe).options(**_replica_options(cfg), ray_actor_options={"runtime_env": _runtime_env(cfg)})
+    assert dep.logging_config["log_level"] == "WARNING"
+    assert dep.logging_config["enable_access_log"] is False
+    env = dep.ray_actor_options["runtime_env"]["env_vars"]
+    assert env == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+    old = ServeConfig(single_event_loop=False, log_level="INFO", access_log=True)
+    dep = serve.deployment(Probe).options(**_replica_options(old), ray_actor_options={"runtime_env": _runtime_env(old)})
+    assert dep.logging_config["log_level"] == "INFO" and dep.logging_config["enable_access_log"] is True
+    assert dep.ray_actor_options["runtime_env"] == {}
+    with pytest.raises(ValueError, match="log_level"):
+        ServeConfig(log_level="LOUD")
