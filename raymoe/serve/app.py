@@ -185,11 +185,21 @@ class OpenAIIngress:
                 except asyncio.CancelledError:
                     resp.cancel()
                     raise
-                yield TokenChunk([res.first_token_id], res.finished, res.finish_reason, res.text)
+                first = TokenChunk([res.first_token_id], res.finished, res.finish_reason, res.text)
                 if res.finished:
+                    yield first
                     return
                 ticket = res.ticket
                 gen = self.decode.decode.remote(rid, ticket, params)
+                try:
+                    # the decode replica's admission comes first, so a full decode queue is still a
+                    # 503 with Retry-After rather than an error inside an already-started 200 stream
+                    await gen.__anext__()
+                except BaseException:
+                    self._release(ticket)
+                    gen.cancel()
+                    raise
+                yield first
             else:
                 assert self.llm is not None
                 ticket = None

@@ -341,8 +341,10 @@ class DecodeServer(EngineServer):
         self.transport = make_transport(self.config.kv_transport)
 
     async def decode(self, request_id: str, ticket: KVTicket, params: SamplingParams) -> AsyncIterator[TokenChunk]:
+        """First an empty chunk (admitted: the caller may answer 200), then the request's tokens."""
         q = self._admit(request_id)
         try:
+            yield TokenChunk([], False, None)
             handoff = await self.transport.receive(ticket)
         except BaseException:
             self._queues.pop(request_id, None)
