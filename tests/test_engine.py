@@ -3,7 +3,6 @@ sampling, stop conditions, the step API and the prefill -> decode KV handoff."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,6 @@ from raymoe.engine.llm_engine import EngineConfig, LLMEngine
 from raymoe.model.tiny import make_tiny
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls on a shared 2-core box: a second intra-op thread only adds barrier waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ greedy generate; tokens must be identical and per-token log-probabilities within
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,85 +17,17 @@ from raymoe import LLM, SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
-YARN = {
-    "rope_type": "yarn",
-    "factor": 40.0,
-    "original_max_position_embeddings": 64,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-    "rope_theta": 10000.0,
-}
-CONFIGS: dict[str, dict[str, Any]] = {
-    # DeepSeek-V3's structure: group-limited routing (topk_group < n_group), q LoRA, YaRN, interleaved rope
-    "grouped": dict(
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        q_lora_rank=48,
-        rope_interleave=True,
-        rope_parameters=YARN,
-        max_position_embeddings=2560,
-        norm_topk_prob=True,
-    ),
-    # one group, no q LoRA, plain half-split rope, unnormalised top-k weights
-    "flat": dict(
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
-        q_lora_rank=None,
-        rope_interleave=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        max_position_embeddings=512,
-        norm_topk_prob=False,
-        routed_scaling_factor=1.5,
-    ),
-}
-COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=32,
-    num_hidden_layers=3,
-    first_k_dense_replace=1,
-    num_attention_heads=4,
-    kv_lora_rank=32,
-    qk_rope_head_dim=16,
-    qk_nope_head_dim=16,
-    v_head_dim=16,
-    pad_token_id=0,
-    eos_token_id=1,
-)
+from hf_reference import COMMON, CONFIGS, save_random_reference  # noqa: E402
+
+HF_CONFIG = dict(COMMON, pad_token_id=0, eos_token_id=1)
 PROMPTS = [[5, 17, 99, 3, 42, 8, 77], list(range(2, 22)), [64, 100], [9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 31, 7]]
 NEW_TOKENS = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls on a shared 2-core box: a second intra-op thread only adds barrier waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    torch.manual_seed(0)
-    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**COMMON, **CONFIGS[request.param])).eval()
-    with torch.no_grad():  # weights large enough that routing and attention matter
-        for name, p in hf.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.1)
-        for name, b in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.uniform_(-0.1, 0.1)
     path = tmp_path_factory.mktemp(f"engine-hf-{request.param}")
-    hf.save_pretrained(path)
+    hf = save_random_reference({**HF_CONFIG, **CONFIGS[request.param]}, path)
     return hf, path
 
 

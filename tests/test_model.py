@@ -6,7 +6,6 @@ by raymoe's loader, so names, layouts and the math are all checked at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,88 +18,21 @@ from raymoe.model.weights import load_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
+from hf_reference import COMMON, save_random_reference  # noqa: E402
+from hf_reference import CONFIGS as HF_CONFIGS  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Small CPU ops run best on one thread, and a second one stalls when the box is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-YARN = {
-    "rope_type": "yarn",
-    "factor": 40.0,
-    "original_max_position_embeddings": 64,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-    "rope_theta": 10000.0,
-}
-
-# grouped: DeepSeek-V3's structure (group-limited routing, q LoRA, YaRN, interleaved rope)
-# flat: one group, no q LoRA (q_proj), plain rope, half-split rope layout, unnormalised top-k weights,
-#       odd head and latent widths
+# "flat" here also has odd head and latent widths: rope pairs sit at odd offsets
 CONFIGS: dict[str, dict[str, Any]] = {
-    "grouped": dict(
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        q_lora_rank=48,
-        rope_interleave=True,
-        rope_parameters=YARN,
-        max_position_embeddings=2560,
-        norm_topk_prob=True,
-    ),
-    "flat": dict(
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
-        q_lora_rank=None,
-        rope_interleave=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        max_position_embeddings=512,
-        norm_topk_prob=False,
-        routed_scaling_factor=1.5,
-        kv_lora_rank=31,  # odd widths: rope pairs sit at odd offsets
-        qk_nope_head_dim=15,
-        v_head_dim=12,
-    ),
+    "grouped": HF_CONFIGS["grouped"],
+    "flat": {**HF_CONFIGS["flat"], "kv_lora_rank": 31, "qk_nope_head_dim": 15, "v_head_dim": 12},
 }
-COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=32,
-    num_hidden_layers=3,
-    first_k_dense_replace=1,
-    num_attention_heads=4,
-    kv_lora_rank=32,
-    qk_rope_head_dim=16,
-    qk_nope_head_dim=16,
-    v_head_dim=16,
-)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Transformer]:
     """(transformers model, raymoe model loaded from its save_pretrained checkpoint)."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = DeepseekV3Config(**{**COMMON, **CONFIGS[request.param]})
-    hf = DeepseekV3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # weights large enough that every path matters
-        for name, p in hf.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.1)
-        for name, b in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.uniform_(-0.1, 0.1)
     path = tmp_path_factory.mktemp(f"hf-{request.param}")
-    hf.save_pretrained(path)
+    hf = save_random_reference({**COMMON, **CONFIGS[request.param]}, path)
     ours = load_checkpoint(path, progress=False)
     return hf, ours
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from raymoe.model.config import ModelConfig
 from raymoe.model.tiny import default_checkpoint
 from raymoe.model.tokenizer import Tokenizer
 from raymoe.model.weights import load_checkpoint
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Small CPU ops run best on one thread, and a second one stalls when the box is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from safetensors.torch import save_file
 from raymoe.model.config import ModelConfig
 from raymoe.model.tiny import make_tiny
 from raymoe.model.weights import INDEX_FILE, CheckpointReader, load_checkpoint
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Small CPU ops run best on one thread, and a second one stalls when the box is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # small, but with tiles that are partial (64, 80 rows) and spill over one 128 block (160)
 SMALL = dict(
