@@ -265,23 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cleanup: list[Any] = []
     try:
         if "engine" in modes:
-            from raymoe.engine.llm_engine import EngineConfig, LLMEngine
+            from raymoe.engine.llm_engine import LLMEngine
 
             torch.set_num_threads(args.torch_threads)
-            e = cfg.decode.engine
-            engine = LLMEngine(
-                EngineConfig(
-                    model=model_path,
-                    dtype=cfg.model.dtype,
-                    device=cfg.model.device,
-                    max_model_len=cfg.model.max_model_len,
-                    kv_cache_tokens=e.kv_cache_tokens,
-                    block_size=e.block_size,
-                    max_num_seqs=e.max_num_seqs,
-                    max_num_batched_tokens=e.max_num_batched_tokens,
-                    enable_prefix_caching=e.enable_prefix_caching,
-                )
-            )
+            engine = LLMEngine(cfg.engine_config(cfg.decode))  # what the decode replica runs
             cleanup.append(engine.shutdown)
             counter = iter(range(10**9))
             runners["engine"] = lambda p, a, c: run_engine(engine, p, a, args.max_tokens, c, f"r{next(counter)}")

@@ -221,6 +221,25 @@ class ServeConfig(_Strict):
         """The unit kinds this app deploys: prefill + decode, or one `llm` unit (the decode section)."""
         return {"prefill": self.prefill, "decode": self.decode} if self.disaggregated else {"llm": self.decode}
 
+    def engine_config(self, unit: UnitConfig) -> Any:
+        """The `EngineConfig` of one unit (a replica's engine, or the benchmark's engine alone)."""
+        from raymoe.engine.llm_engine import EngineConfig
+
+        e = unit.engine
+        return EngineConfig(
+            model=self.model.resolved_path(),
+            dtype=self.model.dtype,
+            device=self.model.device,
+            max_model_len=self.model.max_model_len,
+            kv_cache_tokens=e.kv_cache_tokens,
+            gpu_memory_utilization=e.gpu_memory_utilization,
+            block_size=e.block_size,
+            max_num_seqs=e.max_num_seqs,
+            max_num_batched_tokens=e.max_num_batched_tokens,
+            enable_prefix_caching=e.enable_prefix_caching,
+            parallel=unit.parallel_spec(),
+        )
+
 
 def _checkpoint_experts(path: str) -> int | None:
     cfg = Path(path) / "config.json"

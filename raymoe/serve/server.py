@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from raymoe.engine.llm_engine import EngineConfig, KVHandoff, LLMEngine, RequestOutput
+from raymoe.engine.llm_engine import KVHandoff, LLMEngine, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.serve.config import ServeConfig, UnitConfig
 from raymoe.serve.kv_transport import KVTicket, make_transport
@@ -71,22 +71,7 @@ class EngineServer:
             import torch
 
             torch.set_num_threads(unit.torch_threads)
-        e = unit.engine
-        self.engine = LLMEngine(
-            EngineConfig(
-                model=cfg.model.resolved_path(),
-                dtype=cfg.model.dtype,
-                device=cfg.model.device,
-                max_model_len=cfg.model.max_model_len,
-                kv_cache_tokens=e.kv_cache_tokens,
-                gpu_memory_utilization=e.gpu_memory_utilization,
-                block_size=e.block_size,
-                max_num_seqs=e.max_num_seqs,
-                max_num_batched_tokens=e.max_num_batched_tokens,
-                enable_prefix_caching=e.enable_prefix_caching,
-                parallel=unit.parallel_spec(),
-            )
-        )
+        self.engine = LLMEngine(cfg.engine_config(unit))
         self.replica = _replica_id()
         # the engine thread drops the GIL in every torch op and must win it back from the replica's
         # event loops streaming tokens; a shorter switch interval trades loop latency for step time
