@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from raymoe.serve.protocol import (
     CompletionRequest,
     QueueFullError,
     RequestRejected,
+    UnitUnavailable,
     chat_body,
     chat_chunk,
     completion_body,
@@ -44,9 +46,25 @@ from raymoe.serve.protocol import (
     usage,
     usage_chunk,
 )
-from raymoe.serve.server import DecodeServer, LLMServer, PrefillServer, TokenChunk
+from raymoe.serve.server import (
+    UNAVAILABLE,
+    DecodeServer,
+    LLMServer,
+    OutputDelta,
+    PrefillServer,
+    TokenChunk,
+    _replica_id,
+)
 
 api = FastAPI(title="raymoe", description="OpenAI-compatible API over DeepSeek-V3-style MoE models")
+
+
+async def _drain(gen: Any) -> None:
+    try:
+        async for _ in gen:
+            pass
+    except Exception:
+        pass  # the request already ended; nothing is left to report
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -99,8 +117,16 @@ class OpenAIIngress:
             self.model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN
         )
         self.prefill = prefill
-        self.decode = decode.options(stream=True) if decode is not None else None
-        self.llm = llm.options(stream=True) if llm is not None else None
+        # the unit that streams tokens back: decode (disaggregated) or the one unit doing both
+        units = decode if decode is not None else llm
+        assert units is not None, "an ingress needs a decode or an llm deployment"
+        self.units = units.options(stream=True)
+        self.disaggregated = prefill is not None
+        # one output stream per unit replica for all of this ingress's requests there (see _pump)
+        self.subscriber = f"{_replica_id()}-{uuid.uuid4().hex[:8]}"
+        self._requests: dict[str, asyncio.Queue[Any]] = {}  # request id -> its deltas (or an error)
+        self._replica_of: dict[str, str] = {}  # request id -> the unit replica generating it
+        self._pumps: dict[str, asyncio.Task[None]] = {}  # unit replica -> its output stream's reader
         self.retry_after = str(self.config.ingress.retry_after_s)
         self.metrics = IngressMetrics(self.model_name)
 
@@ -174,11 +200,56 @@ class OpenAIIngress:
         assert self.prefill is not None
         self.prefill.release.remote(ticket.request_id, replica=ticket.source_replica)
 
+    # --- the unit replicas' output streams ---------------------------------------------------
+    def _subscribe(self, replica: str) -> None:
+        task = self._pumps.get(replica)
+        if task is None or task.done():
+            self._pumps[replica] = asyncio.get_running_loop().create_task(self._pump(replica))
+
+    async def _pump(self, replica: str) -> None:
+        """Read one unit replica's output stream and hand each delta to its request's queue.
+
+        The stream ending or failing means the replica is gone: its requests here fail with 503."""
+        error: BaseException
+        try:
+            gen = self.units.stream_outputs.remote(self.subscriber, replica=replica)
+            async for deltas in gen:
+                requests = self._requests
+                for delta in deltas:
+                    q = requests.get(delta[0])
+                    if q is not None:  # None: the client went away, its abort is on the way
+                        q.put_nowait(delta)
+            error = UnitUnavailable(f"unit replica {replica}: its output stream ended")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc if isinstance(exc, QueueFullError) else UnitUnavailable(f"unit replica {replica}: {exc}")
+        finally:
+            if self._pumps.get(replica) is asyncio.current_task():
+                del self._pumps[replica]
+        for rid, rep in list(self._replica_of.items()):
+            if rep == replica and rid in self._requests:
+                self._requests[rid].put_nowait(error)
+
+    async def _admitted(self, gen: Any) -> str:
+        """The unit replica's id once it admitted the request (the first item of its held call)."""
+        try:
+            return await gen.__anext__()
+        except BaseException:
+            gen.cancel()
+            raise
+
     async def _events(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
-        """The request's token chunks, from prefill then decode (or one unit); errors as APIError."""
+        """The request's token chunks, from prefill then decode (or one unit); errors as APIError.
+
+        The unit replica holds the request for as long as its call (`held`) is open; tokens come
+        through that replica's output stream, demultiplexed into this request's queue."""
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self._requests[rid] = q
+        held: Any = None
+        done = False
         try:
             if self.prefill is not None:
-                assert self.decode is not None
                 resp = self.prefill.prefill.remote(rid, prompt, params)
                 try:
                     res = await resp
@@ -187,41 +258,53 @@ class OpenAIIngress:
                     raise
                 first = TokenChunk([res.first_token_id], res.finished, res.finish_reason, res.text)
                 if res.finished:
+                    done = True
                     yield first
                     return
                 ticket = res.ticket
-                gen = self.decode.decode.remote(rid, ticket, params)
+                held = self.units.decode.remote(rid, ticket, params, self.subscriber)
                 try:
                     # the decode replica's admission comes first, so a full decode queue is still a
                     # 503 with Retry-After rather than an error inside an already-started 200 stream
-                    await gen.__anext__()
-                except BaseException:
+                    replica = await self._admitted(held)
+                finally:  # decode holds the KV now (or failed): the prefill replica may drop it
                     self._release(ticket)
-                    gen.cancel()
-                    raise
+                self._replica_of[rid] = replica
+                self._subscribe(replica)
                 yield first
             else:
-                assert self.llm is not None
-                ticket = None
-                gen = self.llm.generate.remote(rid, prompt, params)
-            done = False
-            try:
-                async for chunk in gen:
-                    if ticket is not None:  # decode holds the KV now: the prefill replica may drop it
-                        self._release(ticket)
-                        ticket = None
-                    done = chunk.finished
-                    yield chunk
-            finally:
-                if ticket is not None:
-                    self._release(ticket)
-                if not done:
-                    gen.cancel()  # the client went away: the replica aborts the request, KV freed
+                held = self.units.generate.remote(rid, prompt, params, self.subscriber)
+                replica = await self._admitted(held)
+                self._replica_of[rid] = replica
+                self._subscribe(replica)
+            while not done:
+                items: list[OutputDelta | BaseException] = [await q.get()]
+                while not q.empty():
+                    items.append(q.get_nowait())
+                ids: list[int] = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item[3] == UNAVAILABLE:
+                        raise UnitUnavailable(item[4] or "the deployment unit failed")
+                    ids.extend(item[1])
+                last = items[-1]
+                assert not isinstance(last, BaseException)
+                done = last[2]
+                yield TokenChunk(ids, done, last[3], last[4])
         except Exception as exc:
             err = self._translate(exc)
             if err is None:
                 raise
             raise err from None
+        finally:
+            self._requests.pop(rid, None)
+            self._replica_of.pop(rid, None)
+            if held is not None:
+                if done:  # the replica's call ends by itself: read its end so Serve counts it done
+                    asyncio.get_running_loop().create_task(_drain(held))
+                else:
+                    held.cancel()  # the client went away: the replica aborts the request, KV freed
 
     async def _run(
         self,
@@ -372,7 +455,7 @@ class OpenAIIngress:
     async def stats(self) -> Response:
         """Engine stats of the replicas serving this ingress (one per deployment kind answers)."""
         out: dict[str, Any] = {"model": self.model_name, "disaggregated": self.prefill is not None}
-        handles = {"prefill": self.prefill, "decode": self.decode, "llm": self.llm}
+        handles = {"prefill": self.prefill, "decode" if self.disaggregated else "llm": self.units}
         for role, handle in handles.items():
             if handle is not None:
                 out[role] = await handle.options(stream=False).stats.remote()
@@ -459,7 +542,39 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Any:
     return ingress.bind(conf, None, None, _server(LLMServer, cfg.decode, "kv_room", conf))
 
 
-def run_from_yaml(path: str | Path, *, blocking: bool = True, http_port: int | None = None) -> Any:
+# Serve's direct ingress (Ray >= 2.50): each ingress replica answers HTTP on its own port, so a
+# request skips the proxy hop (one Ray streaming message per SSE event fewer). Serve reads the flag
+# when its processes start: set before `ray.init` starts Ray here, or before `ray start` on a
+# cluster (cluster.yaml). The proxy keeps serving the configured port (every route) beside it.
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+
+
+def enable_direct_ingress() -> None:
+    """Turn direct ingress on for a Ray instance this process is about to start."""
+    os.environ.update(DIRECT_INGRESS_ENV)
+
+
+def direct_ingress_urls(app_name: str, host: str | None = None) -> list[str]:
+    """Base URLs of the app's ingress replicas' own HTTP servers (empty without direct ingress)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    groups = ray.get(client._controller.get_target_groups.remote(app_name))
+    urls = []
+    for group in groups:
+        if str(group.protocol.value) != "HTTP" or group.app_name != app_name:
+            continue
+        prefix = group.route_prefix.rstrip("/")
+        for t in group.targets:
+            if t.name.startswith("SERVE_REPLICA::"):  # a replica, not a proxy (the fallback target)
+                urls.append(f"http://{host or t.ip}:{t.port}{prefix}")
+    return urls
+
+
+def run_from_yaml(
+    path: str | Path, *, blocking: bool = True, http_port: int | None = None, direct_ingress: bool = True
+) -> Any:
     """Start Ray (or join RAY_ADDRESS), Serve with the file's HTTP options, and the app."""
     import ray
 
@@ -477,10 +592,26 @@ def run_from_yaml(path: str | Path, *, blocking: bool = True, http_port: int | N
     if http_port is not None:
         http["port"] = http_port
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        if direct_ingress and address == "local":
+            enable_direct_ingress()
+        ray.init(address=address)
     serve.start(http_options=http, proxy_location=doc.get("proxy_location", "HeadOnly"))
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
     name = app_entry.get("name", "raymoe")
     prefix = app_entry.get("route_prefix", "/")
+    print(f"raymoe: starting {cfg.model.served_name()} ({'disaggregated' if cfg.disaggregated else 'unified'})", flush=True)
+    handle = serve.run(build_app(cfg), name=name, route_prefix=prefix, blocking=False)
     print(f"raymoe: serving {cfg.model.served_name()} at http://{host}:{port}{prefix.rstrip('/')}/v1", flush=True)
-    return serve.run(build_app(cfg), name=name, route_prefix=prefix, blocking=blocking)
+    loopback = host if host in ("127.0.0.1", "localhost") else None
+    for url in direct_ingress_urls(name, loopback):
+        print(f"raymoe: direct ingress (no proxy hop) at {url}/v1", flush=True)
+    if not blocking:
+        return handle
+    try:
+        while True:
+            time.sleep(10)
+    except KeyboardInterrupt:
+        print("raymoe: shutting down", flush=True)
+        serve.shutdown()
+    return handle

@@ -225,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run this process (client and engine alone) at Ray's worker niceness, so every mode competes "
         "for a shared machine's CPU alike (Ray starts workers at RAY_worker_niceness=15)",
     )
+    p.add_argument(
+        "--no-direct-ingress",
+        action="store_true",
+        help="send requests through Serve's HTTP proxy instead of straight to the ingress replica",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write all results to this file")
     return p
@@ -279,8 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             import ray
             from ray import serve
 
-            from raymoe.serve.app import build_app
+            from raymoe.serve.app import build_app, direct_ingress_urls, enable_direct_ingress
 
+            if not args.no_direct_ingress:
+                enable_direct_ingress()
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
             cleanup.append(ray.shutdown)
             port = _free_port()
@@ -295,9 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     conf[unit]["torch_threads"] = args.torch_threads
                     # the bench measures serving overhead, not admission control
                     conf[unit]["max_waiting_requests"] = max(conf[unit]["max_waiting_requests"], max(levels) * 4)
-                url = f"http://127.0.0.1:{port}/{mode}"
-                print(f"raymoe bench: starting the {mode} app at {url}", flush=True)
-                serve.run(build_app(conf), name=f"raymoe-bench-{mode}", route_prefix=f"/{mode}")
+                print(f"raymoe bench: starting the {mode} app", flush=True)
+                name = f"raymoe-bench-{mode}"
+                serve.run(build_app(conf), name=name, route_prefix=f"/{mode}")
+                direct = [] if args.no_direct_ingress else direct_ingress_urls(name, "127.0.0.1")
+                url = direct[0] if direct else f"http://127.0.0.1:{port}/{mode}"
+                print(f"raymoe bench: {mode} app at {url} ({'direct ingress' if direct else 'Serve proxy'})", flush=True)
                 runners[mode] = lambda p, a, c, u=url, m=mode: run_http(u, model, p, a, args.max_tokens, c, m)
         for fn in runners.values():
             fn(warm, [0.0, 0.0], 2)

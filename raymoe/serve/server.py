@@ -6,8 +6,12 @@ outputs to its queue. For a multi-GPU unit the engine gets the unit shape as
 `EngineConfig.parallel` and drives the expert-parallel runtime's workers; nothing here changes.
 
 - `PrefillServer.prefill`: runs the prompt, returns the first token and a KV ticket.
-- `DecodeServer.decode`: receives the KV, joins the decode batch, streams tokens.
+- `DecodeServer.decode`: receives the KV, joins the decode batch, holds the request until it ends.
 - `LLMServer.generate`: both in one unit (non-disaggregated mode).
+- `stream_outputs`: one long-lived stream per subscriber (an ingress replica) carrying the new
+  tokens of all its requests on this replica, one message per stream interval: the way vLLM's
+  engine core sends one batch of outputs per step to its API server, instead of one Ray Serve
+  stream message per request per interval (the per-message cost dominated the serving path).
 """
 
 from __future__ import annotations
@@ -36,6 +40,35 @@ class TokenChunk:
     finished: bool
     finish_reason: str | None
     text: str | None = None  # whole output text, on the finishing chunk
+
+
+# What `stream_outputs` carries for one request: (request id, new token ids, finished, finish
+# reason, whole text on the finishing delta). Plain tuples: Ray serializes them with msgpack.
+OutputDelta = tuple[str, list[int], bool, "str | None", "str | None"]
+UNAVAILABLE = "unavailable"  # finish reason of the delta that fails a request whose unit failed
+
+
+class _Outbox:
+    """A subscriber's output deltas between two stream messages (filled by the step loop)."""
+
+    __slots__ = ("deltas", "ready", "generation")
+
+    def __init__(self) -> None:
+        self.deltas: list[OutputDelta] = []
+        self.ready = asyncio.Event()
+        self.generation = 0  # a new stream for the same subscriber supersedes the old one
+
+    def push(self, delta: OutputDelta) -> None:
+        self.deltas.append(delta)
+        self.ready.set()
+
+
+@dataclass
+class _Streamed:
+    """A request whose tokens go through a subscriber's stream; `done` ends its `decode` call."""
+
+    outbox: _Outbox
+    done: asyncio.Event
 
 
 @dataclass
@@ -77,7 +110,9 @@ class EngineServer:
         # event loops streaming tokens; a shorter switch interval trades loop latency for step time
         sys.setswitchinterval(unit.gil_switch_interval_ms / 1000.0)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"raymoe-{self.role}-engine")
-        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}  # requests answered by one output
+        self._streamed: dict[str, _Streamed] = {}  # requests whose tokens go through stream_outputs
+        self._outboxes: dict[str, _Outbox] = {}  # subscriber -> its pending deltas
         self._handoffs: dict[str, KVHandoff] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -129,6 +164,11 @@ class EngineServer:
         self._failure = exc
         for q in self._queues.values():
             q.put_nowait(exc)  # type: ignore[arg-type]
+        msg = str(self._unavailable())
+        for rid, st in self._streamed.items():
+            st.outbox.push((rid, [], True, UNAVAILABLE, msg))
+            st.done.set()
+        self._streamed.clear()
 
     def _ensure_loop(self) -> None:
         if self._failure is not None:
@@ -152,6 +192,16 @@ class EngineServer:
                 self._fail_all(exc)
                 raise
             for out in outs:
+                st = self._streamed.get(out.request_id)
+                if st is not None:
+                    st.outbox.push(
+                        (out.request_id, out.new_token_ids, out.finished, out.finish_reason,
+                         out.text if out.finished else None)
+                    )
+                    if out.finished:
+                        del self._streamed[out.request_id]
+                        st.done.set()
+                    continue
                 q = self._queues.get(out.request_id)
                 if q is not None:
                     q.put_nowait(out)
@@ -180,10 +230,11 @@ class EngineServer:
         # in flight beyond what the engine can run at once is waiting; counted here, not from the
         # last step's stats, so a burst between two steps is bounded too
         running_capacity = self.unit.engine.max_num_seqs * self.engine.dp_size
-        waiting = len(self._queues) - running_capacity
+        in_flight = len(self._queues) + len(self._streamed)
+        waiting = in_flight - running_capacity
         if waiting >= self.unit.max_waiting_requests:
             raise QueueFullError(
-                f"{self.role} replica {self.replica}: {len(self._queues)} requests in flight, "
+                f"{self.role} replica {self.replica}: {in_flight} requests in flight, "
                 f"{waiting} beyond max_num_seqs x dp ({running_capacity}) "
                 f"(max_waiting_requests={self.unit.max_waiting_requests})"
             )
@@ -191,11 +242,62 @@ class EngineServer:
         self._queues[request_id] = q
         return q
 
+    def _admit_streamed(self, request_id: str, subscriber: str) -> _Streamed:
+        self._admit(request_id)
+        del self._queues[request_id]
+        box = self._outboxes.get(subscriber)
+        if box is None:
+            box = self._outboxes[subscriber] = _Outbox()
+        st = self._streamed[request_id] = _Streamed(box, asyncio.Event())
+        return st
+
+    async def _hold(self, request_id: str, st: _Streamed, add: Callable[..., Any], *args: Any) -> AsyncIterator[str]:
+        """Add a streamed request, yield this replica's id once it runs, return when it ends.
+
+        The caller's open call is the request's lease: cancelling it aborts the request (client gone),
+        and it counts as one ongoing request for Serve's routing and backpressure."""
+        finished = False
+        try:
+            await self._add(add, request_id, *args)
+            yield self.replica
+            await st.done.wait()
+            finished = True
+        finally:
+            if not finished:
+                self._abort_soon(request_id)
+
+    async def stream_outputs(self, subscriber: str, replica: str = "") -> AsyncIterator[list[OutputDelta]]:
+        """The new tokens of all of `subscriber`'s requests here: an empty first message (attached),
+        then one message per stream interval while any request of it produced tokens."""
+        if replica and replica != self.replica:
+            raise UnitUnavailable(f"{self.role} replica {replica} is gone (this is {self.replica})")
+        box = self._outboxes.get(subscriber)
+        if box is None:
+            box = self._outboxes[subscriber] = _Outbox()
+        box.generation += 1
+        mine = box.generation
+        interval = self.config.stream_interval_ms / 1000.0
+        yield []
+        last_sent = time.monotonic()
+        while box.generation == mine:
+            await box.ready.wait()
+            if interval > 0:
+                wait = last_sent + interval - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            if box.generation != mine:
+                return
+            box.ready.clear()
+            deltas, box.deltas = box.deltas, []
+            last_sent = time.monotonic()
+            yield deltas
+
     async def _add(self, fn: Callable[..., Any], request_id: str, *args: Any) -> None:
         try:
             await self._call(fn, request_id, *args)
         except ValueError as exc:
             self._queues.pop(request_id, None)
+            self._streamed.pop(request_id, None)
             raise RequestRejected(str(exc)) from None
         assert self._wake is not None
         self._wake.set()
@@ -203,40 +305,14 @@ class EngineServer:
     def _abort_soon(self, request_id: str) -> None:
         """Abort on the engine thread without awaiting (safe from a cancelled task's cleanup)."""
         self._queues.pop(request_id, None)
+        self._streamed.pop(request_id, None)
         self._handoffs.pop(request_id, None)
         self._thread.submit(self.engine.abort_request, request_id)
 
-    async def _stream(self, request_id: str, q: asyncio.Queue[RequestOutput]) -> AsyncIterator[TokenChunk]:
-        finished = False
-        interval = self.config.stream_interval_ms / 1000.0
-        last_sent = time.monotonic()
-        try:
-            while not finished:
-                outs = [await self._next(q)]
-                if interval > 0 and not outs[0].finished:
-                    # vLLM's stream interval: one message per request per interval, not per token; each
-                    # message is a Ray streaming item and an SSE event, so this bounds per-token overhead
-                    wait = last_sent + interval - time.monotonic()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                while not q.empty():
-                    item = q.get_nowait()
-                    if isinstance(item, BaseException):
-                        raise self._unavailable()
-                    outs.append(item)
-                last_sent = time.monotonic()
-                ids = [t for o in outs for t in o.new_token_ids]
-                last = outs[-1]
-                finished = last.finished
-                yield TokenChunk(ids, finished, last.finish_reason, last.text)
-        finally:
-            if finished:
-                self._queues.pop(request_id, None)
-            else:
-                self._abort_soon(request_id)
-
-    async def abort(self, request_id: str) -> bool:
+    async def abort(self, request_id: str, replica: str = "") -> bool:
+        """Abort a request (routed to its replica by `replica`); its KV blocks are freed."""
         self._queues.pop(request_id, None)
+        self._streamed.pop(request_id, None)
         return bool(await self._call(self.engine.abort_request, request_id))
 
     async def stats(self) -> dict[str, Any]:
@@ -245,7 +321,8 @@ class EngineServer:
             "pinned_kv_handoffs": len(getattr(self, "_pinned", ())),
             "role": self.role,
             "replica": self.replica,
-            "in_flight": len(self._queues),
+            "in_flight": len(self._queues) + len(self._streamed),
+            "subscribers": len(self._outboxes),
             "steps": self._steps,
             "step_seconds": self._step_seconds,
             "mean_running_per_step": self._step_batch / max(1, self._steps),
@@ -325,19 +402,21 @@ class DecodeServer(EngineServer):
         super().__init__(config)
         self.transport = make_transport(self.config.kv_transport)
 
-    async def decode(self, request_id: str, ticket: KVTicket, params: SamplingParams) -> AsyncIterator[TokenChunk]:
-        """First an empty chunk (admitted: the caller may answer 200), then the request's tokens."""
-        q = self._admit(request_id)
+    async def decode(
+        self, request_id: str, ticket: KVTicket, params: SamplingParams, subscriber: str
+    ) -> AsyncIterator[str]:
+        """Receive the KV and join the decode batch; yields this replica's id once admitted (the caller
+        may answer 200), then holds until the request ends. Tokens go through `stream_outputs`."""
+        st = self._admit_streamed(request_id, subscriber)
         try:
-            yield TokenChunk([], False, None)
             handoff = await self.transport.receive(ticket)
         except BaseException:
-            self._queues.pop(request_id, None)
+            self._streamed.pop(request_id, None)
             raise
         self.metrics().handoff(ticket.nbytes, time.time() - ticket.sent_at)
-        await self._add(self.engine.add_request_with_kv, request_id, handoff, params)
-        async for chunk in self._stream(request_id, q):
-            yield chunk
+        async with contextlib.aclosing(self._hold(request_id, st, self.engine.add_request_with_kv, handoff, params)) as held:
+            async for replica in held:
+                yield replica
 
 
 class LLMServer(EngineServer):
@@ -345,8 +424,11 @@ class LLMServer(EngineServer):
 
     role = "llm"
 
-    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
-        q = self._admit(request_id)
-        await self._add(self.engine.add_request, request_id, prompt, params)
-        async for chunk in self._stream(request_id, q):
-            yield chunk
+    async def generate(
+        self, request_id: str, prompt: list[int], params: SamplingParams, subscriber: str
+    ) -> AsyncIterator[str]:
+        """Like `DecodeServer.decode`, from the prompt: yields the replica id once added, holds until done."""
+        st = self._admit_streamed(request_id, subscriber)
+        async with contextlib.aclosing(self._hold(request_id, st, self.engine.add_request, prompt, params)) as held:
+            async for replica in held:
+                yield replica
