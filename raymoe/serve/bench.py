@@ -257,15 +257,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from raymoe.model.config import ModelConfig
 
     vocab = ModelConfig.from_checkpoint(model_path).vocab_size
+    # fresh prompts for every (concurrency, repeat), the same for every mode: a repeat never finds its
+    # prompts in a prefix cache filled by the one before (the engine alone and the app alike)
     workloads = {
-        c: make_workload(args.num_prompts or max(8, 3 * c), args.prompt_len, vocab, args.seed + c, args.rate) for c in levels
+        (c, k): make_workload(
+            args.num_prompts or max(8, 3 * c), args.prompt_len, vocab, args.seed + 1000 * k + c, args.rate
+        )
+        for c in levels
+        for k in range(args.repeats)
     }
     print(
         f"raymoe bench: {model}, prompts of {args.prompt_len} tokens, {args.max_tokens} generated, "
         f"concurrency {levels}, modes {modes}",
         flush=True,
     )
-    warm, _ = make_workload(2, args.prompt_len, vocab, 10_000, float("inf"))
+    warm, _ = make_workload(2, args.prompt_len, vocab, args.seed + 10**6, float("inf"))
     runners: dict[str, Any] = {}  # mode -> fn(prompts, arrivals, concurrency) -> RunResult
     cleanup: list[Any] = []
     try:
@@ -314,9 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rows: list[dict[str, Any]] = []
         for c in levels:
-            prompts, arrivals = workloads[c]
             runs: dict[str, list[RunResult]] = {m: [] for m in runners}
-            for _ in range(args.repeats):  # round-robin: drift on a shared machine hits every mode alike
+            for k in range(args.repeats):  # round-robin: drift on a shared machine hits every mode alike
+                prompts, arrivals = workloads[c, k]
                 for mode, fn in runners.items():
                     runs[mode].append(fn(prompts, arrivals, c))
             for mode, rs in runs.items():

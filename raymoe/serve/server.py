@@ -51,16 +51,19 @@ UNAVAILABLE = "unavailable"  # finish reason of the delta that fails a request w
 class _Outbox:
     """A subscriber's output deltas between two stream messages (filled by the step loop)."""
 
-    __slots__ = ("deltas", "ready", "generation")
+    __slots__ = ("deltas", "ready", "urgent", "generation")
 
     def __init__(self) -> None:
         self.deltas: list[OutputDelta] = []
         self.ready = asyncio.Event()
+        self.urgent = asyncio.Event()  # a first or last token: sent without waiting out the interval
         self.generation = 0  # a new stream for the same subscriber supersedes the old one
 
-    def push(self, delta: OutputDelta) -> None:
+    def push(self, delta: OutputDelta, urgent: bool = False) -> None:
         self.deltas.append(delta)
         self.ready.set()
+        if urgent:
+            self.urgent.set()
 
 
 @dataclass
@@ -69,6 +72,7 @@ class _Streamed:
 
     outbox: _Outbox
     done: asyncio.Event
+    started: bool = False  # its first token went out (TTFT is not held back by the stream interval)
 
 
 @dataclass
@@ -166,7 +170,7 @@ class EngineServer:
             q.put_nowait(exc)  # type: ignore[arg-type]
         msg = str(self._unavailable())
         for rid, st in self._streamed.items():
-            st.outbox.push((rid, [], True, UNAVAILABLE, msg))
+            st.outbox.push((rid, [], True, UNAVAILABLE, msg), urgent=True)
             st.done.set()
         self._streamed.clear()
 
@@ -194,9 +198,12 @@ class EngineServer:
             for out in outs:
                 st = self._streamed.get(out.request_id)
                 if st is not None:
+                    urgent = out.finished or not st.started
+                    st.started = st.started or bool(out.new_token_ids)
                     st.outbox.push(
                         (out.request_id, out.new_token_ids, out.finished, out.finish_reason,
-                         out.text if out.finished else None)
+                         out.text if out.finished else None),
+                        urgent,
                     )
                     if out.finished:
                         del self._streamed[out.request_id]
@@ -268,7 +275,8 @@ class EngineServer:
 
     async def stream_outputs(self, subscriber: str, replica: str = "") -> AsyncIterator[list[OutputDelta]]:
         """The new tokens of all of `subscriber`'s requests here: an empty first message (attached),
-        then one message per stream interval while any request of it produced tokens."""
+        then one message per stream interval while any request of it produced tokens (at once for a
+        request's first token or its end, like vLLM's stream interval)."""
         if replica and replica != self.replica:
             raise UnitUnavailable(f"{self.role} replica {replica} is gone (this is {self.replica})")
         box = self._outboxes.get(subscriber)
@@ -281,13 +289,14 @@ class EngineServer:
         last_sent = time.monotonic()
         while box.generation == mine:
             await box.ready.wait()
-            if interval > 0:
-                wait = last_sent + interval - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+            wait = last_sent + interval - time.monotonic()
+            if wait > 0 and not box.urgent.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(box.urgent.wait(), timeout=wait)
             if box.generation != mine:
                 return
             box.ready.clear()
+            box.urgent.clear()
             deltas, box.deltas = box.deltas, []
             last_sent = time.monotonic()
             yield deltas
