@@ -38,6 +38,12 @@ def ray_cluster() -> Iterator[RayTestCluster]:
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Serve reads this when its processes start: the serve tests reach each app both through the
+    # proxy and straight at its ingress replica (what `raymoe serve` and `raymoe bench` run)
+    from raymoe.serve.app import DIRECT_INGRESS_ENV
+
+    for key, value in DIRECT_INGRESS_ENV.items():
+        os.environ.setdefault(key, value)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 4, "num_gpus": 0, "include_dashboard": False},

@@ -32,6 +32,12 @@ def test_structure(cluster: dict) -> None:
     head = " ".join(cluster["head_start_ray_commands"])
     assert "--head" in head and "--dashboard-host=0.0.0.0" in head and "--metrics-export-port" in head
     assert "--metrics-export-port" in " ".join(cluster["worker_start_ray_commands"])
+    # Serve reads its direct-ingress flag when Ray's processes start: every node starts with it
+    from raymoe.serve.app import DIRECT_INGRESS_ENV
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cluster[key] if "ray start" in c]
+        assert start and all(f"{k}={v} ray start" in c for c in start for k, v in DIRECT_INGRESS_ENV.items())
     gpu_types = [t for t in types.values() if t["resources"].get("GPU")]
     assert len(gpu_types) == 2 and all(t["resources"]["GPU"] == 8 for t in gpu_types)
 

@@ -68,6 +68,20 @@ def server(ray_cluster: Any) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def app_urls(server: str) -> dict[str, dict[str, str]]:
+    """Both HTTP paths to both apps: Serve's proxy, and each ingress replica's own port (direct ingress)."""
+    from raymoe.serve.app import direct_ingress_urls
+
+    direct = {"disaggregated": direct_ingress_urls("raymoe", "127.0.0.1"),
+              "unified": direct_ingress_urls("raymoe-unified", "127.0.0.1")}
+    assert all(len(u) == 1 for u in direct.values()), direct  # the session cluster runs direct ingress
+    return {
+        "proxy": {"disaggregated": server, "unified": f"{server}/unified"},
+        "direct": {app: urls[0] for app, urls in direct.items()},
+    }
+
+
+@pytest.fixture(scope="module")
 def reference() -> dict[str, list[int]]:
     """Greedy token ids of the single-process engine for PROMPTS (the parity reference)."""
     from raymoe import LLM, SamplingParams
@@ -84,8 +98,12 @@ def _client(base: str) -> Any:
     return OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def test_openai_client_greedy_parity_with_engine(server: str, reference: dict[str, list[int]]) -> None:
-    """Completions (plain, streamed) and chat, several at once; token-identical to the engine alone."""
+@pytest.mark.parametrize("path", ["proxy", "direct"])
+def test_openai_client_greedy_parity_with_engine(
+    app_urls: dict[str, dict[str, str]], path: str, reference: dict[str, list[int]]
+) -> None:
+    """Completions (plain, streamed), several at once; token-identical to the engine alone."""
+    server = app_urls[path]["disaggregated"]
     client = _client(server)
     model = client.models.list().data[0].id
     extra = {"return_token_ids": True, "ignore_eos": True}
@@ -116,8 +134,12 @@ def test_openai_client_greedy_parity_with_engine(server: str, reference: dict[st
         assert a == reference[p], p
         assert b == reference[p], p
 
+    # every request of this ingress went through one output stream per unit replica, none is left open
+    s = _stats(server)["decode"]
+    assert s["subscribers"] >= 1 and s["in_flight"] == 0
+
     # the non-disaggregated app answers the same
-    unified = _client(f"{server}/unified")
+    unified = _client(app_urls[path]["unified"])
     r = unified.completions.create(model=model, prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body=extra)
     assert r.choices[0].model_extra["token_ids"] == reference[PROMPTS[0]]
 
@@ -212,7 +234,9 @@ def _stats(server: str) -> dict[str, Any]:
     return httpx.get(f"{server}/v1/stats", timeout=30).json()
 
 
-def test_client_disconnect_cancels_and_frees_kv(server: str) -> None:
+@pytest.mark.parametrize("path", ["proxy", "direct"])
+def test_client_disconnect_cancels_and_frees_kv(app_urls: dict[str, dict[str, str]], path: str) -> None:
+    server = app_urls[path]["disaggregated"]
     body = {"model": "tiny-deepseek-v3", "prompt": "a long story " * 40, "max_tokens": 1500,
             "ignore_eos": True, "stream": True}
     generated_before = _stats(server)["decode"]["generation_tokens"]
