@@ -92,6 +92,28 @@ def reference() -> dict[str, list[int]]:
     return {p: o.token_ids for p, o in zip(PROMPTS, outs, strict=True)}
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_object_store_kv_transport_round_trip(ray_cluster: Any, dtype: str) -> None:
+    """The KV travels as a numpy array (zero-copy in the object store), bfloat16 as same-size ints."""
+    import asyncio
+
+    import torch
+
+    from raymoe.engine.llm_engine import KVHandoff
+    from raymoe.serve.kv_transport import make_transport
+
+    kv = torch.randn(4, 37, 80).to(getattr(torch, dtype))
+    sent = KVHandoff("r1", list(range(37)), 5, -0.25, kv)
+    transport = make_transport("object_store")
+    ticket = transport.send(sent, "prefill-a")
+    assert ticket.nbytes == kv.nelement() * kv.element_size() and ticket.prompt_len == 37
+    got = asyncio.run(transport.receive(ticket))
+    assert got.kv.dtype == kv.dtype and torch.equal(got.kv, kv)
+    assert (got.request_id, got.prompt_token_ids, got.first_token_id, got.first_logprob) == ("r1", list(range(37)), 5, -0.25)
+    with pytest.raises(ValueError, match="unknown transport"):
+        make_transport("carrier-pigeon")
+
+
 def _client(base: str) -> Any:
     from openai import OpenAI
 

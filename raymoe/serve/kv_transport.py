@@ -11,10 +11,13 @@ same two calls.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import numpy as np
 import ray
+import torch
 
 from raymoe.engine.llm_engine import KVHandoff
 
@@ -52,17 +55,30 @@ class ObjectStoreTransport:
     name = "object_store"
 
     def send(self, handoff: KVHandoff, source_replica: str = "") -> KVTicket:
-        nbytes = handoff.kv.element_size() * handoff.kv.nelement()
-        ref = ray.put(handoff)
+        kv = handoff.kv.detach().cpu().contiguous()
+        nbytes = kv.element_size() * kv.nelement()
+        # the KV as a numpy array: Ray stores it out of band and maps it zero-copy on the receiver
+        # (a torch tensor is pickled through torch.save). numpy has no bfloat16: same-size ints.
+        raw = kv.view(_SAME_SIZE_INT[kv.element_size()]).numpy() if kv.dtype in _VIEW_AS_INT else kv.numpy()
+        ref = ray.put((replace(handoff, kv=None), str(kv.dtype).removeprefix("torch."), raw))
         return KVTicket(self.name, handoff.request_id, nbytes, handoff.prompt_len, time.time(), ref, source_replica)
 
     async def receive(self, ticket: KVTicket) -> KVHandoff:
         if ticket.transport != self.name:
             raise ValueError(f"ticket for transport {ticket.transport!r} given to {self.name!r}")
-        handoff = await ticket.ref
-        if not isinstance(handoff, KVHandoff):
-            raise TypeError(f"KV ticket for {ticket.request_id!r} resolved to {type(handoff).__name__}")
-        return handoff
+        got = await ticket.ref
+        if not (isinstance(got, tuple) and len(got) == 3 and isinstance(got[0], KVHandoff)):
+            raise TypeError(f"KV ticket for {ticket.request_id!r} resolved to {type(got).__name__}")
+        handoff, dtype, raw = got
+        with warnings.catch_warnings():  # a read-only view of the object store: the engine copies it in
+            warnings.simplefilter("ignore", UserWarning)
+            kv = torch.from_numpy(np.asarray(raw))
+        want = getattr(torch, dtype)
+        return replace(handoff, kv=kv.view(want) if want in _VIEW_AS_INT else kv)
+
+
+_VIEW_AS_INT = (torch.bfloat16, torch.float16)
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32}
 
 
 def make_transport(name: str) -> KVTransport:
