@@ -26,6 +26,29 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @dataclass(frozen=True)
+class ServeHTTP:
+    """The session's one Serve instance: its proxy's base URL; modules add and delete their apps."""
+
+    base: str
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_cluster: RayTestCluster) -> Iterator[ServeHTTP]:
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield ServeHTTP(f"http://127.0.0.1:{port}")
+    finally:
+        serve.shutdown()
+
+
+@dataclass(frozen=True)
 class RayTestCluster:
     address: str
     num_nodes: int
@@ -44,6 +67,9 @@ def ray_cluster() -> Iterator[RayTestCluster]:
 
     for key, value in DIRECT_INGRESS_ENV.items():
         os.environ.setdefault(key, value)
+    # an ingress replica that is deleted drains for at least this long (30 s by default, for load
+    # balancers in front); the tests delete their apps and must not wait it out
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 4, "num_gpus": 0, "include_dashboard": False},

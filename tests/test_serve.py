@@ -52,19 +52,18 @@ def _args(**overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster: Any) -> Iterator[str]:
+def server(serve_http: Any) -> Iterator[str]:
     from ray import serve
 
     from raymoe.serve.app import build_app
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(_args()), name="raymoe", route_prefix="/")
         serve.run(build_app(_args(disaggregated=False)), name="raymoe-unified", route_prefix="/unified")
-        yield f"http://127.0.0.1:{port}"
+        yield serve_http.base
     finally:
-        serve.shutdown()
+        for app in ("raymoe", "raymoe-unified"):
+            serve.delete(app)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ single-process engine token for token.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ep_server(ray_cluster: Any) -> Any:
+def ep_server(serve_http: Any) -> Any:
     from ray import serve
 
     from raymoe.serve.app import build_app
@@ -30,16 +29,11 @@ def ep_server(ray_cluster: Any) -> Any:
     args["decode"].update(nodes=1, gpus_per_node=2, attention_tp=1, num_cpus=0.1, torch_threads=1)
     args["decode"]["engine"].update(kv_cache_tokens=2048, max_num_seqs=8)
     args["ingress"]["num_cpus"] = 0.05
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(args), name="raymoe-ep", route_prefix="/ep")
-        yield f"http://127.0.0.1:{port}/ep"
+        yield f"{serve_http.base}/ep"
     finally:
         serve.delete("raymoe-ep")
-        serve.shutdown()
 
 
 def test_expert_parallel_unit_behind_the_same_api(ep_server: str) -> None:

@@ -47,6 +47,7 @@ from raymoe.serve.protocol import (
     usage_chunk,
 )
 from raymoe.serve.server import (
+    REJECTED,
     UNAVAILABLE,
     DecodeServer,
     LLMServer,
@@ -247,6 +248,7 @@ class OpenAIIngress:
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._requests[rid] = q
         held: Any = None
+        ticket: Any = None  # the prefill replica pins the KV until this is released
         done = False
         try:
             if self.prefill is not None:
@@ -263,12 +265,10 @@ class OpenAIIngress:
                     return
                 ticket = res.ticket
                 held = self.units.decode.remote(rid, ticket, params, self.subscriber)
-                try:
-                    # the decode replica's admission comes first, so a full decode queue is still a
-                    # 503 with Retry-After rather than an error inside an already-started 200 stream
-                    replica = await self._admitted(held)
-                finally:  # decode holds the KV now (or failed): the prefill replica may drop it
-                    self._release(ticket)
+                # the decode replica's admission comes first, so a full decode queue is still a 503
+                # with Retry-After rather than an error inside an already-started 200 stream; the KV
+                # is fetched after it, while the first token goes out
+                replica = await self._admitted(held)
                 self._replica_of[rid] = replica
                 self._subscribe(replica)
                 yield first
@@ -281,12 +281,17 @@ class OpenAIIngress:
                 items: list[OutputDelta | BaseException] = [await q.get()]
                 while not q.empty():
                     items.append(q.get_nowait())
+                if ticket is not None:  # decode has the KV (or gave up on it): the prefill replica may drop it
+                    self._release(ticket)
+                    ticket = None
                 ids: list[int] = []
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
                     if item[3] == UNAVAILABLE:
                         raise UnitUnavailable(item[4] or "the deployment unit failed")
+                    if item[3] == REJECTED:
+                        raise RequestRejected(item[4] or "the engine refused the request")
                     ids.extend(item[1])
                 last = items[-1]
                 assert not isinstance(last, BaseException)
@@ -298,6 +303,8 @@ class OpenAIIngress:
                 raise
             raise err from None
         finally:
+            if ticket is not None:
+                self._release(ticket)
             self._requests.pop(rid, None)
             self._replica_of.pop(rid, None)
             if held is not None:

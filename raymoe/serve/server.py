@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -46,6 +46,7 @@ class TokenChunk:
 # reason, whole text on the finishing delta). Plain tuples: Ray serializes them with msgpack.
 OutputDelta = tuple[str, list[int], bool, "str | None", "str | None"]
 UNAVAILABLE = "unavailable"  # finish reason of the delta that fails a request whose unit failed
+REJECTED = "rejected"  # ... of one the engine refused after the caller was answered (text: why)
 
 
 class _Outbox:
@@ -258,20 +259,41 @@ class EngineServer:
         st = self._streamed[request_id] = _Streamed(box, asyncio.Event())
         return st
 
-    async def _hold(self, request_id: str, st: _Streamed, add: Callable[..., Any], *args: Any) -> AsyncIterator[str]:
-        """Add a streamed request, yield this replica's id once it runs, return when it ends.
+    async def _hold(
+        self, request_id: str, st: _Streamed, add: Callable[..., Any], args: Callable[[], Awaitable[tuple[Any, ...]]],
+        *, answer_first: bool,
+    ) -> AsyncIterator[str]:
+        """Add a streamed request (`add(request_id, *await args())`), yield this replica's id, return
+        when the request ends. `answer_first`: yield once admitted, before the add, and fail the
+        request through its stream if the rest fails (the ingress already answered 200).
 
         The caller's open call is the request's lease: cancelling it aborts the request (client gone),
         and it counts as one ongoing request for Serve's routing and backpressure."""
         finished = False
         try:
-            await self._add(add, request_id, *args)
-            yield self.replica
+            if answer_first:
+                yield self.replica
+                try:
+                    await self._add(add, request_id, *(await args()))
+                except Exception as exc:
+                    self._fail_streamed(request_id, st, exc)
+                    finished = True
+                    return
+            else:
+                await self._add(add, request_id, *(await args()))
+                yield self.replica
             await st.done.wait()
             finished = True
         finally:
             if not finished:
                 self._abort_soon(request_id)
+
+    def _fail_streamed(self, request_id: str, st: _Streamed, exc: Exception) -> None:
+        """End one streamed request with an error delta: `rejected` (the client's fault) or `unavailable`."""
+        self._streamed.pop(request_id, None)
+        reason = REJECTED if isinstance(exc, RequestRejected) else UNAVAILABLE
+        st.outbox.push((request_id, [], True, reason, f"{self.role} replica {self.replica}: {exc}"), urgent=True)
+        st.done.set()
 
     async def stream_outputs(self, subscriber: str, replica: str = "") -> AsyncIterator[list[OutputDelta]]:
         """The new tokens of all of `subscriber`'s requests here: an empty first message (attached),
@@ -414,16 +436,18 @@ class DecodeServer(EngineServer):
     async def decode(
         self, request_id: str, ticket: KVTicket, params: SamplingParams, subscriber: str
     ) -> AsyncIterator[str]:
-        """Receive the KV and join the decode batch; yields this replica's id once admitted (the caller
-        may answer 200), then holds until the request ends. Tokens go through `stream_outputs`."""
+        """Receive the KV and join the decode batch. Yields this replica's id once admitted (the caller
+        may answer 200 and send the first token while the KV is fetched), then holds until the
+        request ends. Tokens go through `stream_outputs`."""
         st = self._admit_streamed(request_id, subscriber)
-        try:
+
+        async def fetch() -> tuple[KVHandoff, SamplingParams]:
             handoff = await self.transport.receive(ticket)
-        except BaseException:
-            self._streamed.pop(request_id, None)
-            raise
-        self.metrics().handoff(ticket.nbytes, time.time() - ticket.sent_at)
-        async with contextlib.aclosing(self._hold(request_id, st, self.engine.add_request_with_kv, handoff, params)) as held:
+            self.metrics().handoff(ticket.nbytes, time.time() - ticket.sent_at)
+            return handoff, params
+
+        hold = self._hold(request_id, st, self.engine.add_request_with_kv, fetch, answer_first=True)
+        async with contextlib.aclosing(hold) as held:
             async for replica in held:
                 yield replica
 
@@ -438,6 +462,11 @@ class LLMServer(EngineServer):
     ) -> AsyncIterator[str]:
         """Like `DecodeServer.decode`, from the prompt: yields the replica id once added, holds until done."""
         st = self._admit_streamed(request_id, subscriber)
-        async with contextlib.aclosing(self._hold(request_id, st, self.engine.add_request, prompt, params)) as held:
+
+        async def given() -> tuple[list[int], SamplingParams]:
+            return prompt, params
+
+        # added before the answer: a prompt the engine refuses is still a plain 400
+        async with contextlib.aclosing(self._hold(request_id, st, self.engine.add_request, given, answer_first=False)) as held:
             async for replica in held:
                 yield replica
