@@ -203,7 +203,8 @@ class ServeConfig(_Strict):
         60.0, gt=0, description="a prefill replica drops handed-off KV that decode never confirmed after this long"
     )
     stream_interval_ms: float = Field(
-        0.0, ge=0, le=1000, description="coalesce a request's streamed tokens over this window (0: every step)"
+        0.0, ge=0, le=1000, description="a replica's output stream to an ingress sends at most one message per window "
+        "(a request's first and last tokens at once; 0: every step)"
     )
     metrics_interval_s: float = Field(1.0, gt=0, description="how often replicas publish their gauges")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
