@@ -64,6 +64,21 @@ def test_impossible_layouts_are_named(unit: dict[str, object], needle: str) -> N
     assert any(needle in p and p.startswith("prefill") for p in problems), problems
 
 
+def test_serve_cap_must_hold_what_the_unit_admits() -> None:
+    """Each request holds one open call on its unit replica, the streaming unit one per ingress too."""
+    base = {"model": {"num_routed_experts": 256}, "ingress": {"num_replicas": 2}}
+    decode = {"max_waiting_requests": 8, "engine": {"max_num_seqs": 4}, "max_ongoing_requests": 13}
+    problems = check_config(ServeConfig.model_validate(base | {"decode": decode}), inspect_checkpoint=False)
+    assert problems == [
+        "decode.max_ongoing_requests: 13 is below what the unit admits (max_num_seqs 4 x DP1 + "
+        "max_waiting_requests 8 = 12) + 2 output stream(s), one per ingress replica: set it to at least 14"
+    ]
+    decode["max_ongoing_requests"] = 14
+    assert check_config(ServeConfig.model_validate(base | {"decode": decode}), inspect_checkpoint=False) == []
+    prefill = {"max_waiting_requests": 8, "engine": {"max_num_seqs": 4}, "max_ongoing_requests": 12}
+    assert check_config(ServeConfig.model_validate(base | {"prefill": prefill}), inspect_checkpoint=False) == []
+
+
 def test_field_errors_name_the_field(tmp_path: Path) -> None:
     doc = yaml.safe_load((ROOT / "deployments/local.yaml").read_text())
     doc["applications"][0]["args"]["decode"]["gpus_per_node"] = -1

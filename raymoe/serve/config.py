@@ -77,7 +77,9 @@ class UnitConfig(_Strict):
         0, ge=0, description="GPUs that host the shared expert (+ redundant ones) instead of routed experts"
     )
     replicas: int = Field(1, ge=1, description="deployment units of this kind")
-    max_ongoing_requests: int = Field(256, ge=1, description="requests one replica holds (Serve)")
+    max_ongoing_requests: int = Field(
+        1024, ge=1, description="open calls one replica holds (Serve): its requests, plus one output stream per ingress"
+    )
     max_waiting_requests: int = Field(
         128, ge=1, description="requests waiting for the engine before new ones get 503 + Retry-After"
     )
@@ -264,7 +266,20 @@ def check_config(config: ServeConfig, *, inspect_checkpoint: bool = True) -> lis
             )
         experts = found or experts
     for label, unit in config.units().items():
-        problems.extend(unit.problems(label if config.disaggregated else "decode", experts))
+        name = label if config.disaggregated else "decode"
+        problems.extend(unit.problems(name, experts))
+        # Serve's cap on a replica's open calls must hold everything the unit admits (each request
+        # holds one call) plus, on the unit that streams tokens, one output stream per ingress
+        # replica; below that, Serve queues requests the unit would have answered with a 503
+        admits = unit.engine.max_num_seqs * unit.dp_size + unit.max_waiting_requests
+        streams = config.ingress.num_replicas if label != "prefill" else 0
+        if unit.max_ongoing_requests < admits + streams:
+            extra = f" + {streams} output stream(s), one per ingress replica" if streams else ""
+            problems.append(
+                f"{name}.max_ongoing_requests: {unit.max_ongoing_requests} is below what the unit admits "
+                f"(max_num_seqs {unit.engine.max_num_seqs} x DP{unit.dp_size} + max_waiting_requests "
+                f"{unit.max_waiting_requests} = {admits}){extra}: set it to at least {admits + streams}"
+            )
     return problems
 
 
