@@ -139,3 +139,27 @@ def test_a_new_stream_supersedes_the_old_one(config: dict[str, Any]) -> None:
         await held.aclose()
 
     asyncio.run(main())
+
+
+def test_requests_of_a_vanished_ingress_are_aborted(config: dict[str, Any]) -> None:
+    """An ingress whose stream went away and did not come back within subscriber_ttl_s: its requests
+    are aborted (KV freed) and what was buffered for it is dropped."""
+    from raymoe.serve.server import LLMServer
+
+    async def main() -> None:
+        server = LLMServer(config | {"subscriber_ttl_s": 0.3, "metrics_interval_s": 0.1})
+        long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+        stream = server.stream_outputs("ingress-d")
+        assert await stream.__anext__() == []
+        held = server.generate("orphan", PROMPTS[2], long, "ingress-d")
+        assert await held.__anext__() == "local"
+        await asyncio.wait_for(stream.__anext__(), timeout=30)
+        await stream.aclose()  # the ingress is gone; its held call stays open (nobody cancels it)
+        with pytest.raises(StopAsyncIteration):  # reaped: the request is aborted and its call ends
+            await asyncio.wait_for(held.__anext__(), timeout=10)
+        await asyncio.sleep(0.2)
+        stats = await server.stats()
+        assert stats["subscribers"] == 0 and stats["in_flight"] == 0 and stats["kv_blocks_used"] == 0
+        assert stats["generation_tokens"] < 500
+
+    asyncio.run(main())

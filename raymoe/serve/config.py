@@ -208,6 +208,9 @@ class ServeConfig(_Strict):
         0.0, ge=0, le=1000, description="a replica's output stream to an ingress sends at most one message per window "
         "(a request's first and last tokens at once; 0: every step)"
     )
+    subscriber_ttl_s: float = Field(
+        30.0, gt=0, description="a unit replica aborts the requests of an ingress whose output stream has been gone this long"
+    )
     metrics_interval_s: float = Field(1.0, gt=0, description="how often replicas publish their gauges")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Serve log level of every replica (INFO logs each request on the hot path)"

@@ -52,13 +52,15 @@ REJECTED = "rejected"  # ... of one the engine refused after the caller was answ
 class _Outbox:
     """A subscriber's output deltas between two stream messages (filled by the step loop)."""
 
-    __slots__ = ("deltas", "ready", "urgent", "generation")
+    __slots__ = ("deltas", "ready", "urgent", "generation", "attached", "since")
 
     def __init__(self) -> None:
         self.deltas: list[OutputDelta] = []
         self.ready = asyncio.Event()
         self.urgent = asyncio.Event()  # a first or last token: sent without waiting out the interval
         self.generation = 0  # a new stream for the same subscriber supersedes the old one
+        self.attached = False  # a stream is reading it
+        self.since = time.monotonic()  # created or last detached
 
     def push(self, delta: OutputDelta, urgent: bool = False) -> None:
         self.deltas.append(delta)
@@ -229,6 +231,7 @@ class EngineServer:
         if not force and now - self._last_publish < self.config.metrics_interval_s:
             return
         self._last_publish = now
+        self._reap_subscribers(now)
         s = self._stats
         self.metrics().engine(s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_free)
 
@@ -306,22 +309,40 @@ class EngineServer:
             box = self._outboxes[subscriber] = _Outbox()
         box.generation += 1
         mine = box.generation
+        box.attached = True
         interval = self.config.stream_interval_ms / 1000.0
-        yield []
-        last_sent = time.monotonic()
-        while box.generation == mine:
-            await box.ready.wait()
-            wait = last_sent + interval - time.monotonic()
-            if wait > 0 and not box.urgent.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(box.urgent.wait(), timeout=wait)
-            if box.generation != mine:
-                return
-            box.ready.clear()
-            box.urgent.clear()
-            deltas, box.deltas = box.deltas, []
+        try:
+            yield []
             last_sent = time.monotonic()
-            yield deltas
+            while box.generation == mine:
+                await box.ready.wait()
+                wait = last_sent + interval - time.monotonic()
+                if wait > 0 and not box.urgent.is_set():
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(box.urgent.wait(), timeout=wait)
+                if box.generation != mine:
+                    return
+                box.ready.clear()
+                box.urgent.clear()
+                deltas, box.deltas = box.deltas, []
+                last_sent = time.monotonic()
+                yield deltas
+        finally:
+            if box.generation == mine:
+                box.attached = False
+                box.since = time.monotonic()
+
+    def _reap_subscribers(self, now: float) -> None:
+        """An ingress whose stream has been gone for `subscriber_ttl_s` is not coming back (restarted,
+        died): abort its requests here and drop what was buffered for it."""
+        ttl = self.config.subscriber_ttl_s
+        for subscriber, box in list(self._outboxes.items()):
+            if box.attached or now - box.since < ttl:
+                continue
+            for rid in [r for r, st in self._streamed.items() if st.outbox is box]:
+                self._streamed[rid].done.set()
+                self._abort_soon(rid)
+            del self._outboxes[subscriber]
 
     async def _add(self, fn: Callable[..., Any], request_id: str, *args: Any) -> None:
         try:
