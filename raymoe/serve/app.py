@@ -128,6 +128,7 @@ class OpenAIIngress:
         self._requests: dict[str, asyncio.Queue[Any]] = {}  # request id -> its deltas (or an error)
         self._replica_of: dict[str, str] = {}  # request id -> the unit replica generating it
         self._pumps: dict[str, asyncio.Task[None]] = {}  # unit replica -> its output stream's reader
+        self._background: set[asyncio.Task[None]] = set()
         self.retry_after = str(self.config.ingress.retry_after_s)
         self.metrics = IngressMetrics(self.model_name)
 
@@ -309,7 +310,9 @@ class OpenAIIngress:
             self._replica_of.pop(rid, None)
             if held is not None:
                 if done:  # the replica's call ends by itself: read its end so Serve counts it done
-                    asyncio.get_running_loop().create_task(_drain(held))
+                    task = asyncio.get_running_loop().create_task(_drain(held))
+                    self._background.add(task)  # the loop keeps only a weak reference to a task
+                    task.add_done_callback(self._background.discard)
                 else:
                     held.cancel()  # the client went away: the replica aborts the request, KV freed
 
