@@ -58,8 +58,8 @@ class ObjectStoreTransport:
         kv = handoff.kv.detach().cpu().contiguous()
         nbytes = kv.element_size() * kv.nelement()
         # the KV as a numpy array: Ray stores it out of band and maps it zero-copy on the receiver
-        # (a torch tensor is pickled through torch.save). numpy has no bfloat16: same-size ints.
-        raw = kv.view(_SAME_SIZE_INT[kv.element_size()]).numpy() if kv.dtype in _VIEW_AS_INT else kv.numpy()
+        # (a torch tensor is pickled through torch.save). numpy has no bfloat16: it travels as int16.
+        raw = (kv.view(torch.int16) if kv.dtype == torch.bfloat16 else kv).numpy()
         ref = ray.put((replace(handoff, kv=None), str(kv.dtype).removeprefix("torch."), raw))
         return KVTicket(self.name, handoff.request_id, nbytes, handoff.prompt_len, time.time(), ref, source_replica)
 
@@ -73,12 +73,7 @@ class ObjectStoreTransport:
         with warnings.catch_warnings():  # a read-only view of the object store: the engine copies it in
             warnings.simplefilter("ignore", UserWarning)
             kv = torch.from_numpy(np.asarray(raw))
-        want = getattr(torch, dtype)
-        return replace(handoff, kv=kv.view(want) if want in _VIEW_AS_INT else kv)
-
-
-_VIEW_AS_INT = (torch.bfloat16, torch.float16)
-_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32}
+        return replace(handoff, kv=kv.view(torch.bfloat16) if dtype == "bfloat16" else kv)
 
 
 def make_transport(name: str) -> KVTransport:

@@ -236,7 +236,8 @@ class EngineServer:
         self.metrics().engine(s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_free)
 
     # --- requests --------------------------------------------------------------------------------
-    def _admit(self, request_id: str) -> asyncio.Queue[RequestOutput]:
+    def _check_room(self) -> None:
+        """Refuse a new request (QueueFullError: 503) when too many already wait for the engine."""
         self._ensure_loop()
         # in flight beyond what the engine can run at once is waiting; counted here, not from the
         # last step's stats, so a burst between two steps is bounded too
@@ -249,26 +250,30 @@ class EngineServer:
                 f"{waiting} beyond max_num_seqs x dp ({running_capacity}) "
                 f"(max_waiting_requests={self.unit.max_waiting_requests})"
             )
+
+    def _admit(self, request_id: str) -> asyncio.Queue[RequestOutput]:
+        self._check_room()
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = q
         return q
 
-    def _admit_streamed(self, request_id: str, subscriber: str) -> _Streamed:
-        self._admit(request_id)
-        del self._queues[request_id]
+    def _outbox(self, subscriber: str) -> _Outbox:
         box = self._outboxes.get(subscriber)
         if box is None:
             box = self._outboxes[subscriber] = _Outbox()
-        st = self._streamed[request_id] = _Streamed(box, asyncio.Event())
+        return box
+
+    def _admit_streamed(self, request_id: str, subscriber: str) -> _Streamed:
+        self._check_room()
+        st = self._streamed[request_id] = _Streamed(self._outbox(subscriber), asyncio.Event())
         return st
 
     async def _hold(
-        self, request_id: str, st: _Streamed, add: Callable[..., Any], args: Callable[[], Awaitable[tuple[Any, ...]]],
-        *, answer_first: bool,
+        self, request_id: str, st: _Streamed, join: Callable[[], Awaitable[None]], *, answer_first: bool
     ) -> AsyncIterator[str]:
-        """Add a streamed request (`add(request_id, *await args())`), yield this replica's id, return
-        when the request ends. `answer_first`: yield once admitted, before the add, and fail the
-        request through its stream if the rest fails (the ingress already answered 200).
+        """Add a streamed request to the engine (`join`), yield this replica's id, return when the
+        request ends. `answer_first`: yield once admitted, before `join`, and fail the request
+        through its stream if `join` fails (the ingress already answered 200).
 
         The caller's open call is the request's lease: cancelling it aborts the request (client gone),
         and it counts as one ongoing request for Serve's routing and backpressure."""
@@ -277,13 +282,13 @@ class EngineServer:
             if answer_first:
                 yield self.replica
                 try:
-                    await self._add(add, request_id, *(await args()))
+                    await join()
                 except Exception as exc:
                     self._fail_streamed(request_id, st, exc)
                     finished = True
                     return
             else:
-                await self._add(add, request_id, *(await args()))
+                await join()
                 yield self.replica
             await st.done.wait()
             finished = True
@@ -304,9 +309,7 @@ class EngineServer:
         request's first token or its end, like vLLM's stream interval)."""
         if replica and replica != self.replica:
             raise UnitUnavailable(f"{self.role} replica {replica} is gone (this is {self.replica})")
-        box = self._outboxes.get(subscriber)
-        if box is None:
-            box = self._outboxes[subscriber] = _Outbox()
+        box = self._outbox(subscriber)
         box.generation += 1
         mine = box.generation
         box.attached = True
@@ -462,12 +465,12 @@ class DecodeServer(EngineServer):
         request ends. Tokens go through `stream_outputs`."""
         st = self._admit_streamed(request_id, subscriber)
 
-        async def fetch() -> tuple[KVHandoff, SamplingParams]:
+        async def join() -> None:
             handoff = await self.transport.receive(ticket)
             self.metrics().handoff(ticket.nbytes, time.time() - ticket.sent_at)
-            return handoff, params
+            await self._add(self.engine.add_request_with_kv, request_id, handoff, params)
 
-        hold = self._hold(request_id, st, self.engine.add_request_with_kv, fetch, answer_first=True)
+        hold = self._hold(request_id, st, join, answer_first=True)
         async with contextlib.aclosing(hold) as held:
             async for replica in held:
                 yield replica
@@ -484,10 +487,10 @@ class LLMServer(EngineServer):
         """Like `DecodeServer.decode`, from the prompt: yields the replica id once added, holds until done."""
         st = self._admit_streamed(request_id, subscriber)
 
-        async def given() -> tuple[list[int], SamplingParams]:
-            return prompt, params
+        async def join() -> None:
+            await self._add(self.engine.add_request, request_id, prompt, params)
 
         # added before the answer: a prompt the engine refuses is still a plain 400
-        async with contextlib.aclosing(self._hold(request_id, st, self.engine.add_request, given, answer_first=False)) as held:
+        async with contextlib.aclosing(self._hold(request_id, st, join, answer_first=False)) as held:
             async for replica in held:
                 yield replica
