@@ -29,44 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from raymoe.engine.executor import ModelInput, SamplingMetadata
+from raymoe.engine.executor import ModelInput
 from raymoe.engine.model_runner import DataParallelRunner
 from raymoe.model.tiny import default_checkpoint
 from raymoe.model.weights import load_checkpoint
 from raymoe.parallel.config import ParallelConfig
-from raymoe.parallel.executor import ExpertParallelExecutor, initial_placement
+from raymoe.parallel.executor import initial_placement
+from raymoe.parallel.testing import BLOCKS_PER_SEQ, make_input, tiny_unit
 
 SECTION = "## Expert-parallel runtime"
 BEGIN = "<!-- bench_parallel.py: begin -->"
 END = "<!-- bench_parallel.py: end -->"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
-BLOCK, BLOCKS_PER_SEQ = 16, 8
-
-
-def greedy(n: int) -> SamplingMetadata:
-    return SamplingMetadata(
-        temperatures=torch.zeros(n), top_ps=torch.ones(n), top_ks=torch.zeros(n, dtype=torch.long),
-        seeds=[None] * n, output_indices=[0] * n, all_greedy=True, needs_logprobs=False, any_top_p=False,
-        any_top_k=False,
-    )
-
-
-def make_input(tokens: list[list[int]], starts: list[int], first_seq: int) -> ModelInput:
-    """New tokens of sequences first_seq.. (each owns BLOCKS_PER_SEQ blocks) after `starts` cached tokens."""
-    ids, pos, slots, sample = [], [], [], []
-    tables = torch.zeros(len(tokens), BLOCKS_PER_SEQ, dtype=torch.long)
-    for s, (toks, start) in enumerate(zip(tokens, starts, strict=True)):
-        tables[s] = torch.arange(BLOCKS_PER_SEQ) + (first_seq + s) * BLOCKS_PER_SEQ
-        for j, t in enumerate(toks):
-            ids.append(t)
-            pos.append(start + j)
-            slots.append(int(tables[s, (start + j) // BLOCK]) * BLOCK + (start + j) % BLOCK)
-        sample.append(len(ids) - 1)
-    return ModelInput(
-        input_ids=torch.tensor(ids), positions=torch.tensor(pos), query_lens=[len(t) for t in tokens],
-        context_lens=[s + len(t) for t, s in zip(tokens, starts, strict=True)], block_tables=tables,
-        slot_mapping=torch.tensor(slots), sample_indices=torch.tensor(sample), sampling=greedy(len(tokens)),
-    )
+BLOCK = 16
 
 
 def batches(dp: int, vocab: int, prefill_seqs: int, prefill_len: int, decode_seqs: int, context: int) -> dict[str, Any]:
@@ -75,10 +50,13 @@ def batches(dp: int, vocab: int, prefill_seqs: int, prefill_len: int, decode_seq
     def rand(n: int) -> list[int]:
         return torch.randint(3, vocab, (n,), generator=g).tolist()
 
-    warm = [make_input([rand(context) for _ in range(decode_seqs)], [0] * decode_seqs, 0) for _ in range(dp)]
-    decode = [make_input([rand(1) for _ in range(decode_seqs)], [context] * decode_seqs, 0) for _ in range(dp)]
+    def batch(tokens: list[list[int]], starts: list[int], first_seq: int) -> ModelInput:
+        return make_input(tokens, starts, block_size=BLOCK, first_seq=first_seq)
+
+    warm = [batch([rand(context) for _ in range(decode_seqs)], [0] * decode_seqs, 0) for _ in range(dp)]
+    decode = [batch([rand(1) for _ in range(decode_seqs)], [context] * decode_seqs, 0) for _ in range(dp)]
     prefill = [
-        make_input([rand(prefill_len) for _ in range(prefill_seqs)], [0] * prefill_seqs, decode_seqs) for _ in range(dp)
+        batch([rand(prefill_len) for _ in range(prefill_seqs)], [0] * prefill_seqs, decode_seqs) for _ in range(dp)
     ]
     return {"warm": warm, "decode": decode, "prefill": prefill}
 
@@ -103,7 +81,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         cfg = ParallelConfig(nodes=2, gpus_per_node=4, attention_tp=2, slots_per_gpu=9, node_limited=True)
         n_blocks = (args.decode_seqs + args.prefill_seqs) * BLOCKS_PER_SEQ
         print(f"bench_parallel: starting a {cfg.nodes}x{cfg.gpus_per_node} unit (TP{cfg.attention_tp}) on a simulated cluster")
-        unit = ExpertParallelExecutor(path, cfg, num_kv_blocks=n_blocks, block_size=BLOCK)
+        unit = tiny_unit(cfg, kv_cache_tokens=n_blocks * BLOCK, block_size=BLOCK)
         model = load_checkpoint(path, progress=False)
         torch.set_num_threads(1)  # the reference gets one core, like each worker
         ref = DataParallelRunner(model, unit.dp_size, n_blocks, BLOCK)

@@ -40,7 +40,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from raymoe.serve.app import run_from_yaml
+    from raymoe.serve.runner import run_from_yaml
 
     print(f"raymoe: starting the serving app from {args.config}", flush=True)
     run_from_yaml(args.config, blocking=True)

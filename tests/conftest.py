@@ -63,7 +63,7 @@ def ray_cluster() -> Iterator[RayTestCluster]:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Serve reads this when its processes start: the serve tests reach each app both through the
     # proxy and straight at its ingress replica (what `raymoe serve` and `raymoe bench` run)
-    from raymoe.serve.app import DIRECT_INGRESS_ENV
+    from raymoe.serve.runner import DIRECT_INGRESS_ENV
 
     for key, value in DIRECT_INGRESS_ENV.items():
         os.environ.setdefault(key, value)

@@ -33,7 +33,7 @@ def test_structure(cluster: dict) -> None:
     assert "--head" in head and "--dashboard-host=0.0.0.0" in head and "--metrics-export-port" in head
     assert "--metrics-export-port" in " ".join(cluster["worker_start_ray_commands"])
     # Serve reads its direct-ingress flag when Ray's processes start: every node starts with it
-    from raymoe.serve.app import DIRECT_INGRESS_ENV
+    from raymoe.serve.runner import DIRECT_INGRESS_ENV
 
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in cluster[key] if "ray start" in c]
@@ -48,21 +48,22 @@ def test_deployments_fit_the_cluster(cluster: dict) -> None:
     checked = 0
     for path in sorted((ROOT / "deployments").glob("*.yaml")):
         cfg = load_config_file(path)
-        if cfg.ingress.node_resource:
-            assert cfg.ingress.node_resource in by_resource, f"{path.name}: ingress.node_resource"
+        for r in cfg.ingress.deployment_options()["ray_actor_options"].get("resources", {}):
+            assert r in by_resource, f"{path.name}: ingress.deployment.ray_actor_options.resources {r!r}"
         for label, unit in cfg.units().items():
-            if unit.gpus_per_node == 0:
-                assert unit.node_resource is None, f"{path.name}: a CPU unit is not pinned to GPU nodes"
+            layout = unit.parallel
+            if layout is None:  # a CPU unit
+                assert "resources" not in unit.deployment_options()["ray_actor_options"], f"{path.name}: {label}"
                 continue
-            assert unit.node_resource in by_resource, f"{path.name}: {label}.node_resource {unit.node_resource!r}"
-            name, t = by_resource[unit.node_resource]
-            assert t["resources"]["GPU"] == unit.gpus_per_node, f"{path.name}: {label} GPUs per node vs {name}"
-            need = unit.nodes * unit.replicas
+            assert layout.node_resource in by_resource, f"{path.name}: {label}.parallel.node_resource {layout.node_resource!r}"
+            name, t = by_resource[layout.node_resource]
+            assert t["resources"]["GPU"] == layout.gpus_per_node, f"{path.name}: {label} GPUs per node vs {name}"
+            need = layout.nodes * unit.replicas
             assert t["min_workers"] >= need and t["max_workers"] >= need, f"{path.name}: {label} needs {need} {name} nodes"
             checked += 1
         # the two unit kinds land on different node types
-        if cfg.disaggregated and cfg.prefill.node_resource:
-            assert cfg.prefill.node_resource != cfg.decode.node_resource
+        if cfg.disaggregated and cfg.prefill.parallel and cfg.decode.parallel:
+            assert cfg.prefill.parallel.node_resource != cfg.decode.parallel.node_resource
     assert checked >= 2  # the h800 layout's prefill and decode units
 
 

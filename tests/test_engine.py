@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from raymoe import LLM, SamplingParams
-from raymoe.engine.llm_engine import EngineConfig, LLMEngine
+from raymoe.engine.config import EngineConfig
+from raymoe.engine.llm_engine import LLMEngine
 from raymoe.model.tiny import make_tiny
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -382,26 +383,44 @@ def test_chat_renders_the_template(tiny: Path) -> None:
 def test_parallel_config_builds_the_executor_through_the_runtime(
     tiny: Path, one_by_one: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """EngineConfig.parallel hands executor construction to raymoe.parallel.executor.build_executor."""
+    """LLM(parallel=...) hands executor construction to raymoe.parallel.executor.ExpertParallelExecutor."""
     import sys
     import types
 
     from raymoe.engine.model_runner import DataParallelRunner
     from raymoe.model.weights import load_checkpoint
+    from raymoe.parallel.config import ParallelConfig
 
-    seen: list[EngineConfig] = []
+    seen: list[tuple[EngineConfig, ParallelConfig]] = []
 
-    def build_executor(config: EngineConfig) -> DataParallelRunner:
-        seen.append(config)
+    def expert_parallel_executor(config: EngineConfig, parallel: ParallelConfig) -> DataParallelRunner:
+        seen.append((config, parallel))
         model = load_checkpoint(config.model, dtype=config.dtype, progress=False)
         return DataParallelRunner(model, dp_size=3, num_kv_blocks=40, block_size=config.block_size)
 
     fake = types.ModuleType("raymoe.parallel.executor")
-    fake.build_executor = build_executor  # type: ignore[attr-defined]
+    fake.ExpertParallelExecutor = expert_parallel_executor  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "raymoe.parallel.executor", fake)
-    spec = {"attention_dp": 3}
+    spec = {"nodes": 3}
     llm = LLM(tiny, block_size=8, parallel=spec)
-    assert len(seen) == 1 and seen[0].parallel == spec and seen[0].block_size == 8
+    assert len(seen) == 1 and seen[0][1] == ParallelConfig(nodes=3) and seen[0][0].block_size == 8
     assert llm.engine.dp_size == 3 and llm.engine.stats().kv_blocks_total == 120
     assert generate(llm, PROMPTS) == one_by_one
     assert_all_free(llm)
+
+
+def test_kv_cache_sizing_shares_free_gpu_memory(tiny, monkeypatch) -> None:
+    """On CUDA the caches get what gpu_memory_utilization leaves free, split over the in-process DP ranks."""
+    from raymoe.engine.config import kv_cache_tokens
+    from raymoe.model.config import ModelConfig
+
+    mc = ModelConfig.from_checkpoint(tiny)
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * gib, 10 * gib))
+    cfg = EngineConfig(model=str(tiny), gpu_memory_utilization=0.8)
+    per_token = mc.num_hidden_layers * mc.kv_cache_dim * 4  # float32
+    cuda = torch.device("cuda")
+    assert kv_cache_tokens(cfg, mc, cuda) == int(4 * gib // per_token)  # 6 free - 2 kept back
+    assert kv_cache_tokens(cfg, mc, cuda, caches=4) == int(gib // per_token)
+    assert kv_cache_tokens(cfg.model_copy(update={"kv_cache_tokens": 99}), mc, cuda, caches=4) == 99
+    assert kv_cache_tokens(cfg, mc, torch.device("cpu")) == 32768

@@ -22,11 +22,26 @@ def test_ranks_start_at_different_replicas() -> None:
     assert firsts == {(0, 2), (5, 3), (0, 4), (5, 2), (0, 3), (5, 4)}
 
 
+def busiest_gpu(slots: torch.Tensor, slots_per_gpu: int, num_gpus: int) -> int:
+    return int(torch.bincount(slots.reshape(-1) // slots_per_gpu, minlength=num_gpus).max())
+
+
 def test_balanced_choice_never_worse_than_static() -> None:
-    ids = torch.tensor([[0, 2]] * 6)
-    for mode in ("static", "balanced"):
-        slots = choose_replicas(LOG2PHY, COUNT, 2, ids, mode, num_gpus=3)
-        assert sorted(set(slots[:, 0].tolist())) == [0, 5] and sorted(set(slots[:, 1].tolist())) == [2, 3, 4]
+    """On the same routed ids, the balanced choice's busiest GPU carries no more pairs than the
+    static choice's, on every rank's rotated map and skewed routing, and fewer on some."""
+    gains = []
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        skew = torch.rand(3, generator=g) ** 4 + 1e-3
+        ids = torch.multinomial(skew.expand(40, 3), 2, replacement=False, generator=g)
+        for rank in range(3):
+            l2p = rotate_replicas(LOG2PHY, COUNT, rank)
+            static, balanced = (choose_replicas(l2p, COUNT, 2, ids, mode, num_gpus=3) for mode in ("static", "balanced"))
+            for slots in (static, balanced):  # every pair goes to a replica of its own expert
+                assert all(int(s) in LOG2PHY[e].tolist() for s, e in zip(slots.view(-1), ids.view(-1), strict=True))
+            gains.append(busiest_gpu(static, 2, 3) - busiest_gpu(balanced, 2, 3))
+    assert min(gains) >= 0, "balanced must never load its busiest GPU more than static"
+    assert max(gains) > 0, "on skewed routing balanced must relieve the busiest GPU somewhere"
 
 
 def test_pairs_send_a_row_once_per_destination() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -14,8 +15,9 @@ from raymoe.model.tiny import default_checkpoint
 from raymoe.model.weights import load_checkpoint
 from raymoe.parallel.config import ParallelConfig
 from raymoe.parallel.executor import ExpertParallelExecutor, UnitFailure
+from raymoe.parallel.testing import check_against_reference, tiny_unit
 from raymoe.parallel.topology import Topology
-from tests.test_parallel import BLOCK, BLOCKS, check_against_reference
+from tests.test_parallel import BLOCK, BLOCKS
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "a", "MoE on Ray: experts everywhere, attention in groups"]
 
@@ -40,7 +42,7 @@ def test_config_errors() -> None:
 def test_unplaceable_unit_fails_clearly(ray_cluster) -> None:
     cfg = ParallelConfig(nodes=3, gpus_per_node=4, placement_timeout_s=3)
     with pytest.raises(UnitFailure, match=r"3 node\(s\) with 4 free GPU\(s\) each are needed"):
-        ExpertParallelExecutor(str(default_checkpoint()), cfg, num_kv_blocks=4, block_size=BLOCK)
+        tiny_unit(cfg, kv_cache_tokens=4 * BLOCK, block_size=BLOCK)
 
 
 def test_decode_layout_shared_expert_routed(ray_cluster) -> None:
@@ -49,13 +51,13 @@ def test_decode_layout_shared_expert_routed(ray_cluster) -> None:
         nodes=2, gpus_per_node=4, attention_tp=2, slots_per_gpu=11, shared_expert_gpus=2, node_limited=False,
         overlap=True,
     )
-    unit = ExpertParallelExecutor(str(default_checkpoint()), cfg, num_kv_blocks=BLOCKS, block_size=BLOCK)
+    unit = tiny_unit(cfg, kv_cache_tokens=BLOCKS * BLOCK, block_size=BLOCK)
     try:
         phy = unit.placement.phy2log  # [layers, 88]; logical 64 = the shared expert
         assert set(phy[:, :66].reshape(-1).tolist()) == set(range(64))  # 6 routed-expert GPUs hold all experts
         assert (phy[:, 66] == 64).all() and (unit.placement.replica_count[:, 64] == 1).all()
         model: Transformer = load_checkpoint(default_checkpoint(), progress=False)
-        check_against_reference(unit, model, steps=1)
+        check_against_reference(unit, model, block_size=BLOCK, num_blocks=BLOCKS, steps=1)
         assert unit.last_stats.mean_gpu_tokens > 0
     finally:
         unit.shutdown()
@@ -64,7 +66,7 @@ def test_decode_layout_shared_expert_routed(ray_cluster) -> None:
 @pytest.fixture(scope="module")
 def unit_1x2(ray_cluster) -> Iterator[ExpertParallelExecutor]:
     cfg = ParallelConfig(nodes=1, gpus_per_node=2, redundant_experts=2, overlap=True)
-    unit = ExpertParallelExecutor(str(default_checkpoint()), cfg, num_kv_blocks=BLOCKS, block_size=BLOCK)
+    unit = tiny_unit(cfg, kv_cache_tokens=BLOCKS * BLOCK, block_size=BLOCK)
     yield unit
     unit.shutdown()
 
@@ -72,7 +74,7 @@ def unit_1x2(ray_cluster) -> Iterator[ExpertParallelExecutor]:
 def test_unit_1x2_matches_single_process(unit_1x2: ExpertParallelExecutor) -> None:
     assert (unit_1x2.dp_size, unit_1x2.topo.slots_per_gpu) == (2, 33)
     model: Transformer = load_checkpoint(default_checkpoint(), progress=False)
-    check_against_reference(unit_1x2, model, steps=1)
+    check_against_reference(unit_1x2, model, block_size=BLOCK, num_blocks=BLOCKS, steps=1)
     assert unit_1x2.last_stats.bytes_inter_node == 0  # one node: nothing crosses
 
 
@@ -106,3 +108,19 @@ def test_llm_parallel_same_as_single_process(unit_1x2: ExpertParallelExecutor) -
         llm.shutdown()
     assert got == want
     assert [handoff.first_token_id, *tokens] == want[1]
+
+
+def test_a_dropped_llm_releases_its_unit(ray_cluster) -> None:
+    """Leaving `with LLM(...)` and dropping the last reference each give the unit's GPUs back: a unit
+    taking 3 of node 0's 4 GPUs is built again after each, which could not be placed beside the first."""
+    parallel = ParallelConfig(
+        nodes=1, gpus_per_node=3, slots_per_gpu=22, node_resource="sim_node_0", placement_timeout_s=20
+    )
+    kwargs = {"model": str(default_checkpoint()), "kv_cache_tokens": 64, "block_size": BLOCK, "parallel": parallel}
+    with LLM(**kwargs) as llm:
+        (out,) = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        assert len(out.token_ids) == 1
+    llm = LLM(**kwargs)  # placed only if the first unit is gone
+    del llm
+    gc.collect()
+    LLM(**kwargs).shutdown()  # placed only if the second one was released when collected

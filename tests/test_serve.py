@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -43,9 +42,10 @@ def _args(**overrides: Any) -> dict[str, Any]:
     doc = yaml.safe_load((ROOT / "deployments/local.yaml").read_text())
     args = doc["applications"][0]["args"]
     for unit in ("prefill", "decode"):
-        args[unit].update(num_cpus=0.25, torch_threads=1, max_waiting_requests=4)
+        args[unit].update(torch_threads=1, max_waiting_requests=4)
+        args[unit]["deployment"]["ray_actor_options"]["num_cpus"] = 0.25
         args[unit]["engine"].update(kv_cache_tokens=4096, max_num_seqs=8)
-    args["ingress"]["num_cpus"] = 0.05
+    args["ingress"]["deployment"]["ray_actor_options"]["num_cpus"] = 0.05
     args["metrics_interval_s"] = 0.5
     args.update(overrides)
     return args
@@ -69,7 +69,7 @@ def server(serve_http: Any) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def app_urls(server: str) -> dict[str, dict[str, str]]:
     """Both HTTP paths to both apps: Serve's proxy, and each ingress replica's own port (direct ingress)."""
-    from raymoe.serve.app import direct_ingress_urls
+    from raymoe.serve.runner import direct_ingress_urls
 
     direct = {"disaggregated": direct_ingress_urls("raymoe", "127.0.0.1"),
               "unified": direct_ingress_urls("raymoe-unified", "127.0.0.1")}
@@ -98,7 +98,7 @@ def test_object_store_kv_transport_round_trip(ray_cluster: Any, dtype: str) -> N
 
     import torch
 
-    from raymoe.engine.llm_engine import KVHandoff
+    from raymoe.engine.outputs import KVHandoff
     from raymoe.serve.kv_transport import make_transport
 
     kv = torch.randn(4, 37, 80).to(getattr(torch, dtype))
@@ -378,20 +378,20 @@ def test_metrics_through_prometheus(server: str) -> None:
 
 
 def test_disconnect_during_nonstreaming_request(server: str) -> None:
-    """A non-streamed request whose client gives up is aborted too."""
-    body = {"model": "tiny-deepseek-v3", "prompt": "wait for it", "max_tokens": 1500, "ignore_eos": True}
-    done = threading.Event()
-
-    def call() -> None:
-        try:
-            httpx.post(f"{server}/v1/completions", json=body, timeout=1.5)
-        except httpx.TimeoutException:
-            pass
-        done.set()
-
-    t = threading.Thread(target=call)
-    t.start()
-    t.join()
+    """A non-streamed request whose client gives up while decode generates it is aborted too."""
+    body = json.dumps({"model": "tiny-deepseek-v3", "prompt": "wait for it", "max_tokens": 1500, "ignore_eos": True})
+    url = urllib.parse.urlsplit(server)
+    generated_before = _stats(server)["decode"]["generation_tokens"]
+    # a raw connection, closed once decode is generating for it (a client timeout could fire before)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as conn:
+        conn.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        deadline = time.monotonic() + 60
+        while _stats(server)["decode"]["generation_tokens"] - generated_before < 5:
+            assert time.monotonic() < deadline, "the request never reached decode"
+            time.sleep(0.05)
     deadline = time.monotonic() + 20
     while True:
         s = _stats(server)
@@ -399,4 +399,5 @@ def test_disconnect_during_nonstreaming_request(server: str) -> None:
             break
         assert time.monotonic() < deadline, s
         time.sleep(0.2)
-    assert done.is_set()
+    # aborted, not finished by itself within the deadline: it never reached max_tokens
+    assert s["decode"]["generation_tokens"] - generated_before < 1500

@@ -26,9 +26,10 @@ def ep_server(serve_http: Any) -> Any:
     doc = yaml.safe_load((ROOT / "deployments/local.yaml").read_text())
     args = doc["applications"][0]["args"]
     args["disaggregated"] = False
-    args["decode"].update(nodes=1, gpus_per_node=2, attention_tp=1, num_cpus=0.1, torch_threads=1)
+    args["decode"].update(parallel={"nodes": 1, "gpus_per_node": 2, "attention_tp": 1}, torch_threads=1)
+    args["decode"]["deployment"]["ray_actor_options"]["num_cpus"] = 0.1
     args["decode"]["engine"].update(kv_cache_tokens=2048, max_num_seqs=8)
-    args["ingress"]["num_cpus"] = 0.05
+    args["ingress"]["deployment"]["ray_actor_options"]["num_cpus"] = 0.05
     try:
         serve.run(build_app(args), name="raymoe-ep", route_prefix="/ep")
         yield f"{serve_http.base}/ep"

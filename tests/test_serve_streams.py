@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from raymoe.engine.sampling_params import SamplingParams
+from raymoe.serve.server import OutputBatch
 
 PROMPTS = [[5, 17, 99, 3, 42], [7, 7, 7], [100, 200, 300, 400], [11, 12]]
 
@@ -41,14 +42,14 @@ async def _collect(server: Any, subscriber: str, rids: list[str]) -> tuple[dict[
     finish: dict[str, Any] = {}
     messages = 0
     stream = server.stream_outputs(subscriber)
-    assert await stream.__anext__() == []  # attached
+    assert await stream.__anext__() == OutputBatch([])  # attached
     while len(finish) < len(rids):
-        deltas = await asyncio.wait_for(stream.__anext__(), timeout=60)
+        batch = await asyncio.wait_for(stream.__anext__(), timeout=60)
         messages += 1
-        for rid, ids, finished, reason, _text in deltas:
-            tokens[rid].extend(ids)
-            if finished:
-                finish[rid] = reason
+        for d in batch.deltas:
+            tokens[d.request_id].extend(d.token_ids)
+            if d.finished:
+                finish[d.request_id] = d.finish_reason
     await stream.aclose()
     return tokens, messages, finish
 
@@ -88,9 +89,9 @@ def test_cancelled_hold_aborts_and_full_queue_is_refused(config: dict[str, Any])
         held = server.generate("long", PROMPTS[0], long, "ingress-b")
         assert await held.__anext__() == "local"
         stream = server.stream_outputs("ingress-b")
-        assert await stream.__anext__() == []
-        first = await asyncio.wait_for(stream.__anext__(), timeout=30)
-        assert first and first[0][0] == "long" and first[0][1]
+        assert await stream.__anext__() == OutputBatch([])
+        first = (await asyncio.wait_for(stream.__anext__(), timeout=30)).deltas
+        assert first and first[0].request_id == "long" and first[0].token_ids
         # the client went away: closing its held call aborts the request and frees its KV
         task = asyncio.create_task(held.__anext__())
         await asyncio.sleep(0.05)
@@ -121,16 +122,16 @@ def test_a_new_stream_supersedes_the_old_one(config: dict[str, Any]) -> None:
     async def main() -> None:
         server = LLMServer(config)
         old = server.stream_outputs("ingress-c")
-        assert await old.__anext__() == []
+        assert await old.__anext__() == OutputBatch([])
         new = server.stream_outputs("ingress-c")
-        assert await new.__anext__() == []
+        assert await new.__anext__() == OutputBatch([])
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         held = server.generate("x", PROMPTS[3], params, "ingress-c")
         await held.__anext__()
         got: list[int] = []
         while len(got) < 3:
-            for _rid, ids, *_ in await asyncio.wait_for(new.__anext__(), timeout=30):
-                got.extend(ids)
+            for d in (await asyncio.wait_for(new.__anext__(), timeout=30)).deltas:
+                got.extend(d.token_ids)
         with pytest.raises(StopAsyncIteration):  # the old reader was superseded: it ends, it never splits
             await asyncio.wait_for(old.__anext__(), timeout=10)
         with pytest.raises(UnitUnavailable, match="is gone"):  # a stream routed to the wrong replica
@@ -150,7 +151,7 @@ def test_requests_of_a_vanished_ingress_are_aborted(config: dict[str, Any]) -> N
         server = LLMServer(config | {"subscriber_ttl_s": 0.3, "metrics_interval_s": 0.1})
         long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
         stream = server.stream_outputs("ingress-d")
-        assert await stream.__anext__() == []
+        assert await stream.__anext__() == OutputBatch([])
         held = server.generate("orphan", PROMPTS[2], long, "ingress-d")
         assert await held.__anext__() == "local"
         await asyncio.wait_for(stream.__anext__(), timeout=30)

@@ -38,20 +38,20 @@ def test_parse_request_names_the_field() -> None:
 
 
 def test_detokenizer_holds_partial_characters_and_stop_prefixes() -> None:
+    from raymoe.engine.output_processor import IncrementalDetokenizer
     from raymoe.model.tiny import default_checkpoint
     from raymoe.model.tokenizer import Tokenizer
-    from raymoe.serve.app import _Detokenizer
 
     tok = Tokenizer.from_checkpoint(default_checkpoint())
     assert tok is not None
     text = "experts über alles, done"
     ids = tok.encode(text, add_bos=False)
-    d = _Detokenizer(tok, hold=3)
+    d = IncrementalDetokenizer(tok, hold=3)
     streamed = "".join(d.push([t]) for t in ids)
     assert "\ufffd" not in streamed and text.startswith(streamed) and len(streamed) <= len(text) - 3
     assert streamed + d.finish(None) == text
     # a stop string ", d" (hold 2): what was streamed never reaches into the cut-off match
-    d3 = _Detokenizer(tok, hold=2)
+    d3 = IncrementalDetokenizer(tok, hold=2)
     sent, pushed = "", []
     for t in ids:  # the chunk completing the stop string finishes the request: it is never pushed
         pushed.append(t)
@@ -61,6 +61,41 @@ def test_detokenizer_holds_partial_characters_and_stop_prefixes() -> None:
     final = text[: text.index(", d")]
     assert final.startswith(sent)
     assert sent + d3.finish(final) == final
+
+
+def test_output_batch_keeps_its_fields_through_ray_pickling() -> None:
+    """A stream message pickles as rows of field values; every field, error kind included, comes back."""
+    import pickle
+
+    import ray.cloudpickle as cloudpickle
+
+    from raymoe.serve.server import OutputBatch, OutputDelta
+
+    batch = OutputBatch([
+        OutputDelta("a", [1, 2]),
+        OutputDelta("b", [7], True, "stop", "the end"),
+        OutputDelta("c", [], True, error="prefill replica x: gone", error_kind="unavailable"),
+        OutputDelta("d", [], True, error="too long", error_kind="rejected"),
+    ])
+    back = pickle.loads(cloudpickle.dumps(batch))
+    assert back == batch and isinstance(back.deltas[2], OutputDelta)
+    assert (back.deltas[3].error, back.deltas[3].error_kind, back.deltas[1].text) == ("too long", "rejected", "the end")
+
+
+def test_replica_id_falls_back_only_outside_a_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a Serve replica the id is "local"; any other failure to read it is an error, not "local"."""
+    from ray import serve
+
+    from raymoe.serve.server import _replica_id
+
+    assert _replica_id() == "local"
+
+    def broken() -> None:
+        raise RuntimeError("controller unreachable")
+
+    monkeypatch.setattr(serve, "get_replica_context", broken)
+    with pytest.raises(RuntimeError, match="controller unreachable"):
+        _replica_id()
 
 
 def test_router_orders_replicas() -> None:

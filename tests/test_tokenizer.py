@@ -89,3 +89,40 @@ def test_tokenizer_config_is_respected(ckpt: Path, tmp_path: Path) -> None:
     assert tok is not None
     assert tok.encode("Hi")[0] != tok.bos_token_id and tok.encode("Hi", add_bos=True)[0] == tok.bos_token_id
     assert tok.eos_token_ids == [1, 7]
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "error"),
+    [
+        ("tokenizer.json", '{"model": 1', r"tokenizer.json: cannot load"),
+        ("tokenizer_config.json", "[1]", r"tokenizer_config.json: expected a JSON object"),
+        ("generation_config.json", "{eos", r"generation_config.json: not valid JSON"),
+        ("generation_config.json", "[1]", r"generation_config.json: expected a JSON object"),
+        ("config.json", '{"vocab_size": "many"}', r"config.json"),
+    ],
+)
+def test_a_broken_file_is_an_error_not_a_default(
+    ckpt: Path, tmp_path: Path, file: str, content: str, error: str
+) -> None:
+    """A present but unreadable file is reported, never silently replaced by defaults (e.g. fewer EOS ids)."""
+    import shutil
+
+    path = tmp_path / "ck"
+    shutil.copytree(ckpt, path)
+    (path / file).write_text(content)
+    with pytest.raises(ValueError, match=error):
+        Tokenizer.from_checkpoint(path)
+
+
+def test_faults_other_than_a_malformed_file_are_not_reworded(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only tokenizers' bare Exception means "malformed"; anything else raised while loading propagates as is."""
+    import raymoe.model.tokenizer as module
+
+    class Broken:
+        @staticmethod
+        def from_str(text: str) -> None:
+            raise MemoryError("out of memory")
+
+    monkeypatch.setattr(module, "HFTokenizer", Broken)
+    with pytest.raises(MemoryError):
+        Tokenizer.from_checkpoint(ckpt)

@@ -3,9 +3,10 @@
 `LLMEngine` schedules on the host and hands each step to an `Executor`: one `ModelInput` per
 data-parallel attention rank (None for a rank with nothing to run), one `SamplerOutput` back per
 rank. The single-process `ModelRunner` is the dp_size=1 executor; the expert-parallel runtime
-(`raymoe.parallel.executor.build_executor`) drives a deployment unit whose attention is replicated
-over several DP ranks, each with its own paged KV cache. Inputs and outputs are plain dataclasses
-of CPU tensors and lists so that they pickle cheaply to Ray actors.
+(`raymoe.parallel.executor.ExpertParallelExecutor`, chosen by `raymoe.executors.build_executor`)
+drives a deployment unit whose attention is replicated over several DP ranks, each with its own
+paged KV cache. Inputs and outputs are plain dataclasses of CPU tensors and lists so that they
+pickle cheaply to Ray actors.
 """
 
 from __future__ import annotations

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from raymoe.engine.llm_engine import EngineConfig, LLMEngine
+from raymoe.engine.config import EngineConfig
+from raymoe.engine.llm_engine import LLMEngine
 from raymoe.engine.sampling_params import SamplingParams
+from raymoe.executors import build_executor
+
+if TYPE_CHECKING:
+    from raymoe.parallel.config import ParallelConfig
 
 
 @dataclass
@@ -27,7 +34,13 @@ class GenerationOutput:
 
 
 class LLM:
-    """Runs a batch of prompts to completion with continuous batching on one engine."""
+    """Runs a batch of prompts to completion with continuous batching on one engine.
+
+    parallel: run on an expert-parallel unit of Ray GPU actors laid out by this `ParallelConfig`
+    (or its dict). The LLM owns what its executor holds (a unit's actors and placement groups):
+    `shutdown()`, leaving a `with LLM(...) as llm:` block or dropping the last reference to it and
+    its engine releases it, so another unit can be built in the same process.
+    """
 
     def __init__(
         self,
@@ -42,27 +55,38 @@ class LLM:
         enable_prefix_caching: bool = True,
         data_parallel_size: int = 1,
         device: str = "auto",
-        parallel: Any = None,
+        parallel: ParallelConfig | dict[str, Any] | None = None,
     ) -> None:
         if model is None:
             from raymoe.model.tiny import default_checkpoint
 
             model = default_checkpoint()
-        self.engine = LLMEngine(
-            EngineConfig(
-                model=str(model),
-                dtype=dtype,
-                device=device,
-                max_model_len=max_model_len,
-                kv_cache_tokens=kv_cache_tokens,
-                block_size=block_size,
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                enable_prefix_caching=enable_prefix_caching,
-                data_parallel_size=data_parallel_size,
-                parallel=parallel,
-            )
+        config = EngineConfig(
+            model=str(model),
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            kv_cache_tokens=kv_cache_tokens,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            data_parallel_size=data_parallel_size,
         )
+        if isinstance(parallel, dict):
+            from raymoe.parallel.config import ParallelConfig
+
+            parallel = ParallelConfig.model_validate(parallel)
+        executor = build_executor(config, parallel)
+        try:
+            self.engine = LLMEngine(config, executor)
+        except BaseException:
+            executor.shutdown()
+            raise
+        # released once the engine is collected (it may outlive this facade: `LLM(...).engine`), not
+        # at interpreter exit: Ray reclaims a driver's actors and placement groups when it goes
+        self._release = weakref.finalize(self.engine, executor.shutdown)
+        self._release.atexit = False
         self._counter = 0
 
     @property
@@ -152,4 +176,14 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        """Abort what is running and release the executor's devices (and a unit's actors); idempotent."""
+        if self._release.detach() is not None:
+            self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.shutdown()

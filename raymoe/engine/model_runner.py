@@ -1,11 +1,13 @@
-"""The single-process executor (dp_size=1): one model, one paged latent KV cache, the sampler."""
+"""The single-process executors: one model, one paged latent KV cache per DP rank, the sampler."""
 
 from __future__ import annotations
 
 import torch
 
+from raymoe.engine.config import EngineConfig, kv_cache_tokens
 from raymoe.engine.executor import ModelInput, SamplerOutput
 from raymoe.engine.sampler import Sampler
+from raymoe.model.config import ModelConfig
 from raymoe.model.deepseek_v3 import Transformer
 
 
@@ -135,3 +137,16 @@ class DataParallelRunner:
     def shutdown(self) -> None:
         for rank in self.ranks:
             rank.shutdown()
+
+
+def build_runner(config: EngineConfig, model_config: ModelConfig) -> ModelRunner | DataParallelRunner:
+    """The single-process executor: the weights on the configured device, then caches sized from what is left."""
+    from raymoe.model.weights import load_checkpoint
+
+    device = config.resolved_device()
+    model = load_checkpoint(config.model, model_config, dtype=config.dtype, device=device)
+    tokens = kv_cache_tokens(config, model_config, device, caches=config.data_parallel_size)
+    num_blocks = -(-tokens // config.block_size)
+    if config.data_parallel_size > 1:
+        return DataParallelRunner(model, config.data_parallel_size, num_blocks, config.block_size)
+    return ModelRunner(model, num_blocks, config.block_size)

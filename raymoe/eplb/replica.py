@@ -1,13 +1,17 @@
 """Per-step replica choice: which physical slot serves each routed (token, logical expert) pair.
 
-Runs on the device that holds the routing tensors, before each MoE layer's dispatch.
+Torch ops on the device of the tensors it is given, before each MoE layer's dispatch. The parallel
+runtime gives it a host copy of the routing ids (raymoe/parallel/dispatch.py copies them to the
+CPU every MoE layer), so today it runs on the CPU. On a GPU it would not be free of host syncs
+either: `torch.bincount` on a CUDA tensor reads its input's range back to the host, and the
+balanced mode asks whether any expert has several replicas.
 
 * ``static``: each expert's pairs are dealt round-robin over its replicas in token order. Stateless
   and cheap; each replica gets its expert's tokens to within one.
 * ``balanced`` (dynamic redundancy): starting from the static split, every expert with several
   replicas re-spreads its tokens by water-filling over its replicas' GPUs given the load the
-  others put there (damped Jacobi rounds, vectorised over experts and replicas, on the routing
-  device with no host sync). The result is checked against static and never worse.
+  others put there (damped Jacobi rounds, vectorised over experts and replicas, a fixed number of
+  small ops per round). The result is checked against static and never worse.
 """
 
 from __future__ import annotations
@@ -63,8 +67,8 @@ def _balanced_split(
     counts: torch.Tensor, log2phy: torch.Tensor, replica_count: torch.Tensor, slots_per_gpu: int,
     num_gpus: int, iterations: int,
 ) -> torch.Tensor:
-    """Tokens per (expert, replica) [E, R] minimising the busiest GPU, all in torch on the routing
-    device (no host round trip, a fixed number of small kernels).
+    """Tokens per (expert, replica) [E, R] minimising the busiest GPU, in torch on the tensors' device
+    (a fixed number of small ops; one host sync, whether any expert has several replicas).
 
     Damped Jacobi water-filling: every expert at once re-spreads its tokens over its replicas'
     GPUs given the others' current load, moving 1/n of the way where n is the most multi-replica

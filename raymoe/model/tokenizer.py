@@ -7,11 +7,13 @@ No `transformers` at run time: special tokens and the chat template come from
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from raymoe.model.config import ModelConfig
 
@@ -65,8 +67,10 @@ class Tokenizer:
         if not file.is_file():
             return None
         try:
-            tok = HFTokenizer.from_file(str(file))
-        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            tok = HFTokenizer.from_str(file.read_text())
+        except Exception as e:
+            if type(e) is not Exception:  # tokenizers reports a malformed file as a bare Exception, nothing else
+                raise
             raise ValueError(f"{file}: cannot load ({e})") from e
         cfg: dict[str, Any] = {}
         cfg_file = path / "tokenizer_config.json"
@@ -75,18 +79,20 @@ class Tokenizer:
                 cfg = json.loads(cfg_file.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{cfg_file}: expected a JSON object")
         extra_eos: list[int] = []
         if (path / "config.json").is_file():
-            try:
-                extra_eos = ModelConfig.from_checkpoint(path).eos_token_ids
-            except ValueError:
-                extra_eos = []
+            extra_eos = ModelConfig.from_checkpoint(path).eos_token_ids
         gen_file = path / "generation_config.json"
         if gen_file.is_file():  # generation may stop on more ids than the model config names
             try:
-                gen_eos = json.loads(gen_file.read_text()).get("eos_token_id")
-            except (json.JSONDecodeError, AttributeError):
-                gen_eos = None
+                gen = json.loads(gen_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{gen_file}: not valid JSON ({e})") from e
+            if not isinstance(gen, dict):
+                raise ValueError(f"{gen_file}: expected a JSON object")
+            gen_eos = gen.get("eos_token_id")
             for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
                 if isinstance(i, int) and i not in extra_eos:
                     extra_eos.append(i)
@@ -119,6 +125,11 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> Callable[[int], str | None]:
+        """Incremental `decode`: feed ids one by one, get each step's new text (None while a character is
+        incomplete); the pieces join to `decode` of all ids once the last character is complete."""
+        return partial(DecodeStream(skip_special_tokens=skip_special_tokens).step, self._tok)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)

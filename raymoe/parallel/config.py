@@ -7,6 +7,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class LayoutError(ValueError):
+    """A unit layout that cannot be built: every problem, each `field: why`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 class ParallelConfig(BaseModel):
     """One deployment unit: `nodes` x `gpus_per_node` GPU workers, attention in TP groups, experts over all GPUs.
 
@@ -47,24 +55,78 @@ class ParallelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
-        if self.gpus_per_node % self.attention_tp:
-            raise ValueError(
-                f"attention_tp={self.attention_tp} must divide gpus_per_node={self.gpus_per_node} "
-                "(an attention group never spans nodes)"
-            )
-        if self.attention_dp is not None and self.attention_dp != self.dp_size:
-            raise ValueError(
-                f"attention_dp={self.attention_dp} but {self.world_size} GPUs / attention_tp={self.attention_tp} "
-                f"= {self.dp_size}"
-            )
-        if self.expert_parallel is not None and self.expert_parallel != self.world_size:
-            raise ValueError(f"expert_parallel={self.expert_parallel} but the unit has {self.world_size} GPUs")
-        if self.shared_expert_gpus >= self.world_size:
-            raise ValueError(
-                f"shared_expert_gpus={self.shared_expert_gpus} leaves no GPU for the routed experts "
-                f"({self.world_size} GPUs in the unit)"
-            )
+        problems = self.problems()
+        if problems:
+            raise LayoutError(problems)
         return self
+
+    def problems(self, num_routed_experts: int | None = None) -> list[str]:
+        """Why this unit cannot be laid out, one `field: why` each (empty: it can).
+
+        The one place a unit layout is checked: the validator runs it without the model (a
+        `LayoutError` carries the list), `raymoe.serve.config.check_config` with the model's
+        routed-expert count for the expert-slot rules."""
+        out: list[str] = []
+        g, tp, world = self.gpus_per_node, self.attention_tp, self.world_size
+        if tp > g:
+            out.append(
+                f"attention_tp: a TP group of {tp} GPUs would span nodes of {g} GPUs "
+                f"(attention_tp={tp} must divide gpus_per_node={g}: an attention group never spans nodes)"
+            )
+        elif g % tp:
+            out.append(
+                f"attention_tp: gpus_per_node={g} is not divisible into TP groups of {tp} "
+                f"(attention_tp={tp} must divide gpus_per_node={g})"
+            )
+        elif self.attention_dp is not None and self.attention_dp != self.dp_size:
+            ranks = self.attention_dp * tp
+            kind = "more ranks than GPUs" if ranks > world else "GPUs left idle"
+            out.append(
+                f"attention_dp: attention_dp={self.attention_dp} but {world} GPUs / attention_tp={tp} "
+                f"= {self.dp_size} ({self.attention_dp} groups x TP{tp} = {ranks} ranks: {kind})"
+            )
+        if self.expert_parallel is not None and self.expert_parallel != world:
+            kind = "more ranks than GPUs" if self.expert_parallel > world else "GPUs without experts"
+            out.append(f"expert_parallel: expert_parallel={self.expert_parallel} but the unit has {world} GPUs ({kind})")
+        if self.shared_expert_gpus >= world:
+            out.append(
+                f"shared_expert_gpus: {self.shared_expert_gpus} of {world} GPUs leaves none for routed experts"
+            )
+        elif num_routed_experts is not None:
+            out.extend(self._slot_problems(num_routed_experts))
+        return out
+
+    def _slot_problems(self, experts: int) -> list[str]:
+        out: list[str] = []
+        world, shared, redundant = self.world_size, self.shared_expert_gpus, self.redundant_experts
+        if self.slots_per_gpu is not None:
+            if self.slots_per_gpu * (world - shared) < experts:
+                out.append(
+                    f"slots_per_gpu: {self.slots_per_gpu} x {world - shared} routed-expert GPUs cannot hold "
+                    f"{experts} routed experts"
+                )
+            if self.slots_per_gpu > experts:
+                out.append(f"slots_per_gpu: {self.slots_per_gpu} exceeds the {experts} routed experts")
+            return out
+        if shared:
+            # DeepSeek's decode: one routed expert per GPU, the shared-expert GPUs also take the redundant copies
+            if experts % (world - shared):
+                out.append(
+                    f"shared_expert_gpus: {experts} routed experts do not divide over the {world - shared} "
+                    f"routed-expert GPUs ({world} - shared_expert_gpus {shared})"
+                )
+            if redundant % shared:
+                out.append(f"redundant_experts: {redundant} do not divide over shared_expert_gpus={shared}")
+        elif (experts + redundant) % world:
+            out.append(
+                f"redundant_experts: {experts} routed + {redundant} redundant = {experts + redundant} "
+                f"expert slots do not divide over EP{world}"
+            )
+        if redundant > experts:
+            out.append(
+                f"redundant_experts: {redundant} redundant copies for {experts} experts (at most one extra copy each)"
+            )
+        return out
 
     @property
     def world_size(self) -> int:

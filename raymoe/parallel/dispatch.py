@@ -72,7 +72,7 @@ def make_pairs(dest: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, n
     return Pairs(pair_keys % max(t, 1), out_slots[:n_pairs], out_w[:n_pairs], counts.tolist())
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerStats:
     """What one rank sent for one layer (hidden-state bytes, dispatch and combine) and computed."""
 
@@ -130,13 +130,29 @@ def _a2a(tensors: list[torch.Tensor], send: list[int], recv: list[int], group: A
     return outs
 
 
-def _send_rows(
-    ctx: EPContext, layer: int, x: torch.Tensor, pairs: Pairs, group: Any, group_ranks: list[int] | None
-) -> Step:
-    """Dispatch rows x[pairs.src_row] with their slots/weights; returns (rows, slots, weights, recv counts).
+@dataclass(slots=True)
+class Received:
+    """What one dispatch hop delivered: rows with the slots/weights they are for, and rows per source."""
+
+    rows: torch.Tensor  # [R, D] hidden states
+    slots: torch.Tensor  # [R, k] global physical slot, -1 where that assignment is served elsewhere
+    weights: torch.Tensor  # [R, k] float32 combine weights
+    counts: list[int]  # rows from each source of the group (the split sizes of the way back)
+
+
+def _hop(ctx: EPContext, inside_node: bool) -> tuple[Any, list[int] | None]:
+    """Process group and its global ranks of one hop: this rank's node group, or the whole unit (None, None)."""
+    if inside_node:
+        return ctx.node_group, ctx.topo.node_ranks(ctx.topo.node_of(ctx.rank))
+    return None, None
+
+
+def _send_rows(ctx: EPContext, layer: int, x: torch.Tensor, pairs: Pairs, inside_node: bool) -> Step:
+    """Dispatch rows x[pairs.src_row] with their slots/weights (over the unit, or inside this rank's node).
 
     Hidden state and metadata travel as one byte row per pair (one all-to-all, whatever the dtype).
     """
+    group, group_ranks = _hop(ctx, inside_node)
     recv = _exchange_counts(pairs.counts, group, x.device)
     meta = torch.cat((pairs.weights, pairs.slots.to(torch.float32)), dim=1)  # slot ids < 2**24: exact in float32
     payload = x.index_select(0, pairs.src_row.to(x.device))
@@ -151,22 +167,23 @@ def _send_rows(
     hidden_bytes = dim * x.element_size()
     rows = got[:, :hidden_bytes].contiguous().view(x.dtype)
     meta_in = got[:, hidden_bytes:].contiguous().view(torch.float32)
-    return rows, meta_in[:, k:].round().long(), meta_in[:, :k], recv
+    return Received(rows, meta_in[:, k:].round().long(), meta_in[:, :k], recv)
 
 
 def _send_back(
-    ctx: EPContext, layer: int, y: torch.Tensor, pairs: Pairs, recv: list[int], out_rows: int, group: Any,
-    group_ranks: list[int] | None,
+    ctx: EPContext, layer: int, y: torch.Tensor, pairs: Pairs, got: Received, out_rows: int, inside_node: bool
 ) -> Step:
-    """Combine: return the partial sums along the reverse path and reduce them per source row."""
-    ctx.record_send(layer, recv, group_ranks, y.shape[1] * y.element_size())
-    (back,) = yield from _a2a([y], recv, pairs.counts, group)
+    """Combine: return the partial sums along the reverse path of `_send_rows` and reduce them per source row."""
+    group, group_ranks = _hop(ctx, inside_node)
+    ctx.record_send(layer, got.counts, group_ranks, y.shape[1] * y.element_size())
+    (back,) = yield from _a2a([y], got.counts, pairs.counts, group)
     out = y.new_zeros((out_rows, y.shape[1]))
     return out.index_add_(0, pairs.src_row.to(y.device), back)
 
 
-def _compute(ctx: EPContext, layer: int, moe: MoE, rows: torch.Tensor, slots: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _compute(ctx: EPContext, layer: int, moe: MoE, got: Received) -> torch.Tensor:
     """This host's experts over the received rows: weighted sum per row of its (slot, weight) entries."""
+    rows, slots, w = got.rows, got.slots, got.weights
     valid = slots >= 0
     row_idx, col = valid.nonzero(as_tuple=True)
     local = slots[row_idx, col] - ctx.rank * ctx.topo.slots_per_gpu
@@ -188,7 +205,7 @@ def _compute(ctx: EPContext, layer: int, moe: MoE, rows: torch.Tensor, slots: to
     return out.index_add_(0, row_idx.to(rows.device), y)
 
 
-def moe_dispatch_combine(ctx: EPContext, layer: int, moe: MoE, x: torch.Tensor, world_group: Any = None) -> Step:
+def moe_dispatch_combine(ctx: EPContext, layer: int, moe: MoE, x: torch.Tensor) -> Step:
     """Routed-expert output for this rank's tokens x [t, D]: gate here, experts wherever their replicas are."""
     topo = ctx.topo
     t = x.shape[0]
@@ -216,17 +233,16 @@ def moe_dispatch_combine(ctx: EPContext, layer: int, moe: MoE, x: torch.Tensor, 
     gpu = slots // topo.slots_per_gpu
     if not ctx.hierarchical:
         pairs = make_pairs(gpu, slots, weights, topo.world_size)
-        rows, r_slots, r_w, recv = yield from _send_rows(ctx, layer, x, pairs, world_group, None)
-        y = _compute(ctx, layer, moe, rows, r_slots, r_w)
-        return (yield from _send_back(ctx, layer, y, pairs, recv, t, world_group, None))
+        got = yield from _send_rows(ctx, layer, x, pairs, inside_node=False)
+        y = _compute(ctx, layer, moe, got)
+        return (yield from _send_back(ctx, layer, y, pairs, got, t, inside_node=False))
     # hierarchical: to the same-index GPU of each destination node, then forwarded inside that node
     g = topo.gpus_per_node
     local = topo.local_of(ctx.rank)
     node_pairs = make_pairs((gpu // g) * g + local, slots, weights, topo.world_size)
-    rows1, slots1, w1, recv1 = yield from _send_rows(ctx, layer, x, node_pairs, world_group, None)
-    node_ranks = topo.node_ranks(topo.node_of(ctx.rank))
-    fwd_pairs = make_pairs((slots1 // topo.slots_per_gpu) % g, slots1, w1, g)
-    rows2, slots2, w2, recv2 = yield from _send_rows(ctx, layer, rows1, fwd_pairs, ctx.node_group, node_ranks)
-    y2 = _compute(ctx, layer, moe, rows2, slots2, w2)
-    y1 = yield from _send_back(ctx, layer, y2, fwd_pairs, recv2, rows1.shape[0], ctx.node_group, node_ranks)
-    return (yield from _send_back(ctx, layer, y1, node_pairs, recv1, t, world_group, None))
+    got1 = yield from _send_rows(ctx, layer, x, node_pairs, inside_node=False)
+    fwd_pairs = make_pairs((got1.slots // topo.slots_per_gpu) % g, got1.slots, got1.weights, g)
+    got2 = yield from _send_rows(ctx, layer, got1.rows, fwd_pairs, inside_node=True)
+    y2 = _compute(ctx, layer, moe, got2)
+    y1 = yield from _send_back(ctx, layer, y2, fwd_pairs, got2, got1.rows.shape[0], inside_node=True)
+    return (yield from _send_back(ctx, layer, y1, node_pairs, got1, t, inside_node=False))

@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from raymoe.engine.config import EngineConfig
 from raymoe.engine.executor import ModelInput, SamplerOutput
+from raymoe.eplb import Placement, rebalance
 from raymoe.model.config import ModelConfig
 from raymoe.parallel.config import ParallelConfig
 from raymoe.parallel.dispatch import LayerStats
 from raymoe.parallel.topology import Topology
-from raymoe.parallel.worker import GPUWorker, WorkerStepResult
+from raymoe.parallel.worker import GPUWorker, PlacementMaps, WorkerSpec, WorkerStepResult
 
 
 class UnitFailure(RuntimeError):
@@ -80,10 +82,10 @@ class _UnitMetrics:
         self.steps.inc()
 
 
-def initial_placement(topo: Topology, model: ModelConfig, node_limited: bool, load: np.ndarray | None = None) -> Any:
+def initial_placement(
+    topo: Topology, model: ModelConfig, node_limited: bool, load: np.ndarray | None = None
+) -> Placement:
     """Placement of every MoE layer from `load` (uniform without statistics): groups on nodes when node-limited."""
-    from raymoe.eplb.policy import rebalance
-
     n_moe = len(model.moe_layers)
     if topo.shared_expert_gpus:
         from raymoe.parallel.placement import decode_placement
@@ -93,7 +95,7 @@ def initial_placement(topo: Topology, model: ModelConfig, node_limited: bool, lo
         load = np.ones((n_moe, model.n_routed_experts))
     return rebalance(
         load, topo.nodes, topo.gpus_per_node, topo.slots_per_gpu, model.n_group,
-        regime="auto" if node_limited else "global",
+        mode="auto" if node_limited else "global",
     )
 
 
@@ -102,16 +104,9 @@ class ExpertParallelExecutor:
 
     FAILURE_GRACE_S = 5.0  # after a failed call, how long to wait for the others to say which worker died
 
-    def __init__(
-        self,
-        model: str,
-        parallel: ParallelConfig,
-        *,
-        dtype: str = "float32",
-        num_kv_blocks: int,
-        block_size: int,
-        placement: Any = None,
-    ) -> None:
+    def __init__(self, config: EngineConfig, parallel: ParallelConfig, *, placement: Placement | None = None) -> None:
+        """Place and start the workers; they load their weights and size their caches (`kv_cache_tokens` on each
+        device), and every rank gets the smallest budget, so `num_kv_blocks` is the same on all of them."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -119,11 +114,11 @@ class ExpertParallelExecutor:
         if not ray.is_initialized():
             ray.init(address=parallel.ray_address or "auto", log_to_driver=False)
         self.parallel = parallel
-        self.model_config = ModelConfig.from_checkpoint(model)
+        self.model_config = ModelConfig.from_checkpoint(config.model)
         self.topo = Topology.from_config(parallel, self.model_config)
         self.placement = placement or initial_placement(self.topo, self.model_config, parallel.node_limited)
-        hierarchical = parallel.node_limited and self.topo.nodes > 1
-        self._num_kv_blocks, self._block_size = num_kv_blocks, block_size
+        self._block_size = config.block_size
+        self._num_kv_blocks = 0  # set once the workers have reported what fits
         self._failure: str | None = None
         self.last_stats = StepStats()
         self._metrics: _UnitMetrics | None = None
@@ -148,6 +143,7 @@ class ExpertParallelExecutor:
                 f"placement_timeout_s={parallel.placement_timeout_s}"
             )
         actor = ray.remote(GPUWorker)
+        maps = PlacementMaps.of(self.placement)
         self.workers = [
             actor.options(
                 num_gpus=1,
@@ -157,14 +153,16 @@ class ExpertParallelExecutor:
                     self.pgs[self.topo.node_of(r)], placement_group_bundle_index=self.topo.local_of(r)
                 ),
             ).remote(
-                r, self.topo, str(model), dtype, parallel.device, num_kv_blocks, block_size,
-                self.placement.phy2log, self.placement.log2phy, self.placement.replica_count,
-                (host, self._store.port), unit_id, hierarchical, parallel.replica_choice, parallel.overlap,
-                parallel.collective_timeout_s, parallel.load_window_steps,
+                WorkerSpec(
+                    rank=r, topo=self.topo, engine=config, parallel=parallel, maps=maps,
+                    store_host=host, store_port=self._store.port, unit_id=unit_id,
+                )
             )
             for r in range(self.topo.world_size)
         ]
-        self.worker_info = self._gather([w.setup.remote() for w in self.workers])
+        tokens = min(self._gather([w.setup.remote() for w in self.workers]))
+        self._num_kv_blocks = -(-tokens // self._block_size)
+        self._gather([w.allocate_kv_cache.remote(self._num_kv_blocks) for w in self.workers])
 
     # --- Executor protocol -----------------------------------------------------------------------
     @property
@@ -210,7 +208,7 @@ class ExpertParallelExecutor:
         per_worker = self._gather([w.expert_load.remote() for w in self.workers])
         return np.sum(per_worker, axis=0)
 
-    def update_placement(self, placement: Any) -> int:
+    def update_placement(self, placement: Placement) -> int:
         """Move to a new expert placement (e.g. `rebalance(expert_load(), ..., previous=placement)`).
 
         Two phases between steps: every worker first reads the experts it gains (staged beside the
@@ -226,8 +224,8 @@ class ExpertParallelExecutor:
                 f"{tuple(placement.phy2log.shape)} does not match the unit's "
                 f"{old.num_nodes}x{old.gpus_per_node}x{old.slots_per_gpu} {tuple(old.phy2log.shape)}"
             )
-        args = (placement.phy2log, placement.log2phy, placement.replica_count)
-        loaded = sum(self._gather([w.stage_placement.remote(*args) for w in self.workers]))
+        maps = PlacementMaps.of(placement)
+        loaded = sum(self._gather([w.stage_placement.remote(maps) for w in self.workers]))
         self._gather([w.commit_placement.remote() for w in self.workers])
         self.placement = placement
         return int(loaded)
@@ -246,7 +244,10 @@ class ExpertParallelExecutor:
             update["replica_choice"] = replica_choice
         self.parallel = ParallelConfig.model_validate({**self.parallel.model_dump(), **update})
         p = self.parallel
-        self._gather([w.set_options.remote(p.overlap, p.replica_choice, p.node_limited) for w in self.workers])
+        self._gather([
+            w.set_options.remote(overlap=p.overlap, replica_choice=p.replica_choice, node_limited=p.node_limited)
+            for w in self.workers
+        ])
 
     def worker_pids(self) -> list[int]:
         return self._gather([w.pid.remote() for w in self.workers])
@@ -341,21 +342,3 @@ class ExpertParallelExecutor:
                 pass
         self.pgs = []
 
-
-def build_executor(engine_config: Any) -> ExpertParallelExecutor:
-    """The engine's hook (`EngineConfig.parallel`): a unit sized from the engine's cache settings."""
-    from raymoe.engine.llm_engine import DEFAULT_CPU_KV_TOKENS
-
-    parallel = engine_config.parallel
-    if not isinstance(parallel, ParallelConfig):
-        parallel = ParallelConfig.model_validate(parallel)
-    model_config = ModelConfig.from_checkpoint(engine_config.model)
-    max_len = engine_config.max_model_len or min(model_config.max_position_embeddings, 8192)
-    tokens = engine_config.kv_cache_tokens or max(DEFAULT_CPU_KV_TOKENS, max_len)
-    return ExpertParallelExecutor(
-        engine_config.model,
-        parallel,
-        dtype=engine_config.dtype,
-        num_kv_blocks=-(-tokens // engine_config.block_size),
-        block_size=engine_config.block_size,
-    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from raymoe.eplb.policy import Placement
+from raymoe.eplb.placement import Placement
 from raymoe.parallel.topology import Topology
 
 
@@ -46,4 +46,4 @@ def decode_placement(topo: Topology, num_layers: int, load: np.ndarray | None = 
                         break
                 gpus[g].append(e)
         phy[layer] = np.array([e for g in gpus for e in g[:k]], dtype=np.int64)
-    return Placement.from_phy2log(phy, n_exp + 1, topo.nodes, topo.gpus_per_node, k, regime="decode")
+    return Placement.from_phy2log(phy, n_exp + 1, topo.nodes, topo.gpus_per_node, k, mode="decode")

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raymoe.model.config import ModelConfig
-from raymoe.parallel.config import ParallelConfig
+from raymoe.parallel.config import LayoutError, ParallelConfig
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Topology:
     nodes: int
     gpus_per_node: int
@@ -24,24 +24,20 @@ class Topology:
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, model: ModelConfig) -> Topology:
-        world = parallel.world_size
         n_exp = model.n_routed_experts
+        problems = parallel.problems(n_exp)
         if model.num_attention_heads % parallel.attention_tp:
-            raise ValueError(
-                f"attention_tp={parallel.attention_tp} must divide num_attention_heads={model.num_attention_heads}"
+            problems.append(
+                f"attention_tp: attention_tp={parallel.attention_tp} must divide "
+                f"num_attention_heads={model.num_attention_heads}"
             )
-        if parallel.slots_per_gpu is not None:
-            slots = parallel.slots_per_gpu
-        else:
-            slots = -(-(n_exp + parallel.redundant_experts) // world)
-        routed_gpus = world - parallel.shared_expert_gpus
-        if slots * routed_gpus < n_exp:
-            raise ValueError(
-                f"slots_per_gpu={slots} x {routed_gpus} routed-expert GPUs = {slots * routed_gpus} slots cannot hold "
-                f"{n_exp} routed experts"
-            )
-        if slots > n_exp:
-            raise ValueError(f"slots_per_gpu={slots} exceeds the {n_exp} routed experts (a GPU holds one copy of each)")
+        if problems:
+            raise LayoutError(problems)
+        # the checks above make these divisions exact (decode layout: one share of the routed experts per routed GPU)
+        shared, world = parallel.shared_expert_gpus, parallel.world_size
+        slots = parallel.slots_per_gpu or (
+            n_exp // (world - shared) if shared else (n_exp + parallel.redundant_experts) // world
+        )
         return cls(
             parallel.nodes, parallel.gpus_per_node, parallel.attention_tp, slots, n_exp, parallel.shared_expert_gpus
         )
@@ -84,9 +80,6 @@ class Topology:
 
     def node_ranks(self, node: int) -> list[int]:
         return list(range(node * self.gpus_per_node, (node + 1) * self.gpus_per_node))
-
-    def gpu_of_slot(self, slot: int) -> int:
-        return slot // self.slots_per_gpu
 
     def describe(self) -> str:
         return (

@@ -19,12 +19,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from raymoe.engine.config import EngineConfig, kv_cache_tokens
 from raymoe.engine.executor import ModelInput, SamplerOutput
 from raymoe.engine.sampler import Sampler
+from raymoe.eplb.placement import Placement
 from raymoe.eplb.recorder import ExpertLoadRecorder
 from raymoe.model.config import ModelConfig
 from raymoe.model.deepseek_v3 import MLA, MLP, MoE, Transformer
 from raymoe.model.weights import CheckpointReader, _block_size, checkpoint_name, load_checkpoint, read_tensor
+from raymoe.parallel.config import ParallelConfig
 from raymoe.parallel.dispatch import EPContext, LayerStats, Step, Works, moe_dispatch_combine, rotate_replicas
 from raymoe.parallel.topology import Topology
 
@@ -103,63 +106,86 @@ def run_interleaved(steps: list[Step]) -> list[Any]:
     return results
 
 
-@dataclass
+@dataclass(slots=True)
 class WorkerStepResult:
     output: SamplerOutput | torch.Tensor | None  # TP rank 0 of a group with work: sampled tokens or logits
     stats: dict[int, LayerStats]
     seconds: float
 
 
-class GPUWorker:
-    """A Ray actor (created with num_gpus=1 by the executor); methods are the unit's control plane."""
+@dataclass(slots=True)
+class PlacementMaps:
+    """The three views of an expert placement that a worker dispatches with, every MoE layer (numpy, int64)."""
 
-    def __init__(
-        self,
-        rank: int,
-        topo: Topology,
-        model_path: str,
-        dtype: str,
-        device: str,
-        num_kv_blocks: int,
-        block_size: int,
-        phy2log: np.ndarray,
-        log2phy: np.ndarray,
-        replica_count: np.ndarray,
-        store_addr: tuple[str, int],
-        unit_id: str,
-        hierarchical: bool,
-        replica_choice: str,
-        overlap: bool,
-        collective_timeout_s: float,
-        load_window_steps: int = 1024,
-    ) -> None:
-        self.rank = rank
-        self.topo = topo
+    phy2log: np.ndarray  # [layers, num_slots] logical expert of each physical slot
+    log2phy: np.ndarray  # [layers, experts, max_replicas] slots of each logical expert, padded with -1
+    replica_count: np.ndarray  # [layers, experts]
+
+    @classmethod
+    def of(cls, placement: Placement) -> PlacementMaps:
+        return cls(placement.phy2log, placement.log2phy, placement.replica_count)
+
+
+@dataclass(slots=True)
+class WorkerSpec:
+    """What one worker actor is built from (sent once, when the driver creates it)."""
+
+    rank: int  # global rank in the unit (node-major)
+    topo: Topology
+    engine: EngineConfig  # checkpoint, dtype, block size and the KV-cache sizing settings
+    parallel: ParallelConfig  # device, exchange options and timeouts of the unit
+    maps: PlacementMaps  # the initial placement
+    store_host: str  # the driver's rendezvous TCP store
+    store_port: int
+    unit_id: str  # key prefix of this unit in the store
+
+
+@dataclass(slots=True)
+class StagedPlacement:
+    """A new placement read by `stage_placement`, waiting for `commit_placement` (between steps)."""
+
+    experts: dict[tuple[int, int], MLP]  # (model layer, logical expert) -> weights this GPU gains
+    maps: PlacementMaps
+
+
+class GPUWorker:
+    """A Ray actor (created with num_gpus=1 by the executor); methods are the unit's control plane.
+
+    Built in three calls: the constructor (no work), `setup` (process groups, weights, KV budget),
+    `allocate_kv_cache` (with the block count the driver chose from every worker's budget).
+    """
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.rank = spec.rank
+        self.topo = spec.topo
+        self.engine = spec.engine
+        p = spec.parallel
+        device = p.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # many workers share a host's cores
-        self.model_path, self.dtype = model_path, dtype
-        self.num_kv_blocks, self.block_size = num_kv_blocks, block_size
-        self.phy2log, self.log2phy, self.replica_count = phy2log, log2phy, replica_count
-        self.store_addr, self.unit_id = store_addr, unit_id
-        self.hierarchical, self.replica_choice, self.overlap = hierarchical, replica_choice, overlap
-        self.timeout = timedelta(seconds=collective_timeout_s)
-        self.load_window_steps = load_window_steps
+        self.maps = spec.maps
+        self.store_host, self.store_port, self.unit_id = spec.store_host, spec.store_port, spec.unit_id
+        self.hierarchical = p.node_limited and self.topo.nodes > 1
+        self.replica_choice, self.overlap = p.replica_choice, p.overlap
+        self.timeout = timedelta(seconds=p.collective_timeout_s)
+        self.load_window_steps = p.load_window_steps
         self.sampler = Sampler()
+        self._staged: StagedPlacement | None = None
 
     def pid(self) -> int:
         return os.getpid()
 
-    def setup(self) -> str:
-        """Join the unit's process groups (rendezvous at the driver's TCP store) and load this GPU's weights."""
+    def setup(self) -> int:
+        """Join the unit's process groups (rendezvous at the driver's TCP store), load this GPU's weights, and
+        return how many latent-KV tokens fit beside them (`kv_cache_tokens` on this worker's device)."""
         topo, rank = self.topo, self.rank
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # Ray leaves this worker's GPU visible as device 0
-        host, port = self.store_addr
-        store = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
+        store = dist.TCPStore(self.store_host, self.store_port, is_master=False, timeout=self.timeout)
         dist.init_process_group(
             backend, store=dist.PrefixStore(self.unit_id, store), rank=rank, world_size=topo.world_size, timeout=self.timeout
         )
@@ -173,41 +199,39 @@ class GPUWorker:
             g = dist.new_group(topo.node_ranks(n), backend=backend)
             if n == topo.node_of(rank):
                 self.node_group = g
-        self.config = ModelConfig.from_checkpoint(self.model_path)
+        self.config = ModelConfig.from_checkpoint(self.engine.model)
         moe_layers = self.config.moe_layers
-        spg = topo.slots_per_gpu
-        mine = slice(rank * spg, (rank + 1) * spg)
-        n_exp = self.config.n_routed_experts  # a slot holding id n_exp is a shared-expert copy (decode layout)
-        hosted = {layer: sorted({e for e in self.phy2log[j, mine].tolist() if e < n_exp}) for j, layer in enumerate(moe_layers)}
         model = load_checkpoint(
-            self.model_path, self.config, experts=hosted, dtype=self.dtype, device=self.device, progress=False
+            self.engine.model, self.config, experts=self._hosted_plan(self.maps.phy2log), dtype=self.engine.dtype,
+            device=self.device, progress=False,
         )
         self.tp_rank = topo.tp_rank_of(rank)
         if topo.attention_tp > 1:
             for layer in model.layers:
                 layer.self_attn = shard_attention(layer.self_attn, self.config, self.tp_rank, topo.attention_tp)
         self.model: Transformer = model
-        self.kv_cache = torch.zeros(
-            model.kv_cache_shape(self.num_kv_blocks, self.block_size), dtype=next(model.parameters()).dtype,
-            device=self.device,
-        )
+        self.dtype = next(model.parameters()).dtype
         self.ep = EPContext(
             topo=topo,
             rank=rank,
             node_group=self.node_group,
             hierarchical=self.hierarchical,
             replica_choice=self.replica_choice,  # type: ignore[arg-type]
-            log2phy={
-                layer: rotate_replicas(torch.tensor(self.log2phy[j]), torch.tensor(self.replica_count[j]), rank)
-                for j, layer in enumerate(moe_layers)
-            },
-            replica_count={layer: torch.tensor(self.replica_count[j]) for j, layer in enumerate(moe_layers)},
-            phy2log_local={layer: torch.tensor(self.phy2log[j, mine]) for j, layer in enumerate(moe_layers)},
+            log2phy={},  # the maps of every MoE layer: _install_maps below
+            replica_count={},
+            phy2log_local={},
             shared_id=topo.shared_expert_id,
             recorder=ExpertLoadRecorder(len(moe_layers), self.config.n_routed_experts, self.load_window_steps),
             moe_index={layer: j for j, layer in enumerate(moe_layers)},
         )
-        return f"rank {rank}: node {topo.node_of(rank)} GPU {topo.local_of(rank)}, {backend}, {self.device}"
+        self._install_maps(self.maps)
+        return kv_cache_tokens(self.engine, self.config, self.device)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """This DP rank's paged latent cache, once the driver has taken the smallest budget over the unit."""
+        self.kv_cache = torch.zeros(
+            self.model.kv_cache_shape(num_blocks, self.engine.block_size), dtype=self.dtype, device=self.device
+        )
 
     # --- the data plane of one micro-batch ---------------------------------------------------------
     def _forward(self, inp: ModelInput | None) -> Step:
@@ -215,7 +239,7 @@ class GPUWorker:
         model, tp = self.model, self.topo.attention_tp
         dim = self.config.hidden_size
         empty = inp is None or inp.num_tokens == 0
-        dt = self.kv_cache.dtype
+        dt = self.dtype
         if empty:
             h = torch.zeros((0, dim), dtype=dt, device=self.device)
             ctx = None
@@ -294,23 +318,27 @@ class GPUWorker:
         assert self.ep.recorder is not None
         return self.ep.recorder.load()
 
-    def _hosted_plan(self, phy2log: np.ndarray) -> dict[int, list[int]]:
+    def _my_slots(self) -> slice:
         spg = self.topo.slots_per_gpu
-        mine = slice(self.rank * spg, (self.rank + 1) * spg)
+        return slice(self.rank * spg, (self.rank + 1) * spg)
+
+    def _hosted_plan(self, phy2log: np.ndarray) -> dict[int, list[int]]:
+        """Routed experts this GPU's slots hold, per MoE layer (id n_routed_experts is a shared-expert copy)."""
+        mine = self._my_slots()
         n_exp = self.config.n_routed_experts
         return {
             layer: sorted({e for e in phy2log[j, mine].tolist() if e < n_exp})
             for j, layer in enumerate(self.config.moe_layers)
         }
 
-    def stage_placement(self, phy2log: np.ndarray, log2phy: np.ndarray, replica_count: np.ndarray) -> int:
+    def stage_placement(self, maps: PlacementMaps) -> int:
         """Read the experts this GPU gains under a new plan into side modules; the running maps are untouched."""
-        cfg, dt = self.config, self.kv_cache.dtype
-        reader = CheckpointReader(self.model_path)
+        cfg, dt = self.config, self.dtype
+        reader = CheckpointReader(self.engine.model)
         block = _block_size(cfg)
         staged: dict[tuple[int, int], MLP] = {}
         try:
-            for layer, ids in self._hosted_plan(phy2log).items():
+            for layer, ids in self._hosted_plan(maps.phy2log).items():
                 moe = self.model.layers[layer].mlp
                 for e in set(ids) - set(moe.hosted_experts):
                     m = MLP(cfg.hidden_size, cfg.moe_intermediate_size, fuse=False).to(device=self.device, dtype=dt)
@@ -321,13 +349,15 @@ class GPUWorker:
                     staged[(layer, e)] = m.eval().requires_grad_(False)
         finally:
             reader.close()
-        self._staged = (staged, phy2log, log2phy, replica_count)
+        self._staged = StagedPlacement(staged, maps)
         return len(staged)
 
     def commit_placement(self) -> None:
         """Switch to the staged plan: new experts in, dropped ones out, dispatch maps replaced (between steps)."""
-        staged, phy2log, log2phy, replica_count = self._staged
-        plan = self._hosted_plan(phy2log)
+        if self._staged is None:
+            raise RuntimeError("commit_placement without a staged placement (call stage_placement first)")
+        staged, maps = self._staged.experts, self._staged.maps
+        plan = self._hosted_plan(maps.phy2log)
         for layer, ids in plan.items():
             moe = self.model.layers[layer].mlp
             keep = set(ids)
@@ -337,19 +367,24 @@ class GPUWorker:
             for e in ids:
                 if moe.experts[e] is None:
                     moe.experts[e] = staged[(layer, e)]
-        spg = self.topo.slots_per_gpu
-        mine = slice(self.rank * spg, (self.rank + 1) * spg)
-        self.phy2log, self.log2phy, self.replica_count = phy2log, log2phy, replica_count
-        for j, layer in enumerate(self.config.moe_layers):
-            self.ep.log2phy[layer] = rotate_replicas(torch.tensor(log2phy[j]), torch.tensor(replica_count[j]), self.rank)
-            self.ep.replica_count[layer] = torch.tensor(replica_count[j])
-            self.ep.phy2log_local[layer] = torch.tensor(phy2log[j, mine])
+        self._install_maps(maps)
         self._staged = None
 
-    def set_options(self, overlap: bool, replica_choice: str, hierarchical: bool) -> None:
+    def _install_maps(self, maps: PlacementMaps) -> None:
+        """Dispatch with `maps` from the next MoE layer on: this rank's rotated replica lists, its slots' experts."""
+        mine = self._my_slots()
+        self.maps = maps
+        for j, layer in enumerate(self.config.moe_layers):
+            self.ep.log2phy[layer] = rotate_replicas(
+                torch.tensor(maps.log2phy[j]), torch.tensor(maps.replica_count[j]), self.rank
+            )
+            self.ep.replica_count[layer] = torch.tensor(maps.replica_count[j])
+            self.ep.phy2log_local[layer] = torch.tensor(maps.phy2log[j, mine])
+
+    def set_options(self, *, overlap: bool, replica_choice: str, node_limited: bool) -> None:
         self.overlap = overlap
         self.ep.replica_choice = replica_choice  # type: ignore[assignment]
-        self.ep.hierarchical = hierarchical and self.topo.nodes > 1
+        self.ep.hierarchical = node_limited and self.topo.nodes > 1
 
     def hosted_experts(self) -> dict[int, list[int]]:
         return {i: layer.mlp.hosted_experts for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)}

@@ -277,9 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if "engine" in modes:
             from raymoe.engine.llm_engine import LLMEngine
+            from raymoe.executors import build_executor
 
             torch.set_num_threads(args.torch_threads)
-            engine = LLMEngine(cfg.engine_config(cfg.decode))  # what the decode replica runs
+            ec = cfg.engine_config(cfg.decode)  # what the decode replica runs
+            engine = LLMEngine(ec, build_executor(ec, cfg.decode.parallel_config()))
             cleanup.append(engine.shutdown)
             counter = iter(range(10**9))
             runners["engine"] = lambda p, a, c: run_engine(engine, p, a, args.max_tokens, c, f"r{next(counter)}")
@@ -290,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import ray
             from ray import serve
 
-            from raymoe.serve.app import build_app, direct_ingress_urls, enable_direct_ingress
+            from raymoe.serve.app import build_app
+            from raymoe.serve.runner import direct_ingress_urls, enable_direct_ingress
 
             if not args.no_direct_ingress:
                 enable_direct_ingress()

@@ -1,20 +1,27 @@
 """The serving app's configuration: pydantic models loaded from a Serve YAML's `args`.
 
 A Serve config file (`serve run deployments/<name>.yaml`) names the builder in `import_path`
-and passes `args`; `ServeConfig.model_validate(args)` is the one place where they are checked.
-`check_config(...)` then catches layouts that validate field by field but cannot be deployed
-(GPUs not divisible into TP groups, TP groups spanning nodes, more ranks than GPUs, expert slots
-that do not divide over the expert-parallel GPUs) and says which field is wrong.
+and passes `args`; `ServeConfig.model_validate(args)` checks them field by field, a unit's
+layout with `ParallelConfig`'s own validator (TP groups that would span nodes or do not divide
+a node's GPUs, more ranks than GPUs) and its Serve options with Serve's own schema.
+`check_config(...)` then adds what needs the model or several sections (expert slots that do not
+divide over the expert-parallel GPUs, Serve's cap below what a unit admits). Every message names
+the field (`prefill.parallel.attention_tp: ...`); `check_args(args)` gives both in one list.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from raymoe.parallel.config import LayoutError, ParallelConfig
+
+if TYPE_CHECKING:
+    from raymoe.engine.config import EngineConfig
 
 BUILDER_IMPORT_PATH = "raymoe.serve.app:build_app"
 
@@ -59,137 +66,144 @@ class EngineSection(_Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
 
 
-class UnitConfig(_Strict):
-    """One deployment unit (= one Serve replica): N nodes x G GPUs, attention TP groups, expert slots.
+# Serve's deployment options raymoe sets unless a unit's or the ingress's `deployment:` overrides
+# them (`ray_actor_options` key by key): names and values as in `serve.deployment(...).options`
+UNIT_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
+    "num_replicas": 1,
+    "max_ongoing_requests": 1024,  # open calls one replica holds: its requests, plus one output stream per ingress
+    "health_check_period_s": 10.0,
+    "graceful_shutdown_timeout_s": 5.0,
+    "ray_actor_options": {"num_cpus": 0.1},  # the replica actor (the unit's driver)
+}
+INGRESS_DEPLOYMENT_DEFAULTS: dict[str, Any] = {
+    "num_replicas": 1,
+    "max_ongoing_requests": 1024,
+    "ray_actor_options": {"num_cpus": 0.1},
+}
+# set by raymoe and needed for correctness: calls with `replica=` must reach that replica
+UNIT_OWNED_OPTIONS = frozenset({"name", "request_router_config"})
+INGRESS_OWNED_OPTIONS = frozenset({"name"})
 
-    `gpus_per_node: 0` is a CPU unit (the single-process engine). `attention_dp` and
-    `expert_parallel` are derived (GPUs / TP and all GPUs); giving them documents the layout and
-    check_config verifies them.
+
+class OptionsError(ValueError):
+    """Serve deployment options Serve would refuse: every problem, each `option: why`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _check_deployment(value: dict[str, Any], owned: frozenset[str]) -> dict[str, Any]:
+    """Serve deployment options, checked against Serve's own names and types (`ray.serve.schema`)."""
+    from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema
+
+    names = set(DeploymentSchema.model_fields) - owned
+    problems = [f"{k}: not a Serve deployment option raymoe leaves open ({', '.join(sorted(names))})"
+                for k in sorted(set(value) - names)]
+    actor = value.get("ray_actor_options") or {}
+    problems += [f"ray_actor_options.{k}: not a Ray actor option" for k in sorted(set(actor) - set(RayActorOptionsSchema.model_fields))]
+    if isinstance(value.get("num_replicas"), str):
+        problems.append("num_replicas: give a count (or autoscaling_config with max_replicas)")
+    if not problems:
+        try:
+            DeploymentSchema.model_validate({"name": "raymoe", **value})
+        except ValidationError as err:
+            problems = _format_validation_error(err, root="")  # ": why" for the options as a whole
+    if problems:
+        raise OptionsError(problems)
+    return value
+
+
+def _merge_options(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = {**defaults, **given}
+    if given.get("autoscaling_config") and "num_replicas" not in given:
+        del out["num_replicas"]  # Serve refuses a fixed replica count beside autoscaling
+    out["ray_actor_options"] = {**defaults.get("ray_actor_options", {}), **(given.get("ray_actor_options") or {})}
+    return out
+
+
+def _max_replicas(options: dict[str, Any]) -> int:
+    auto = options.get("autoscaling_config")
+    if auto:
+        return int(auto.get("max_replicas", 1))
+    return int(options["num_replicas"])
+
+
+class UnitConfig(_Strict):
+    """One deployment unit kind: each Serve replica of it is one unit (its GPUs laid out by `parallel`).
+
+    No `parallel` is a CPU unit (the single-process engine). `deployment` passes Serve deployment
+    options through (merged over UNIT_DEPLOYMENT_DEFAULTS): replicas, `max_ongoing_requests`,
+    `ray_actor_options`, health-check and graceful-shutdown periods, autoscaling, ...
     """
 
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(0, ge=0, description="0 = CPU")
-    attention_tp: int = Field(1, ge=1, description="tensor-parallel size of one attention group")
-    attention_dp: int | None = Field(None, ge=1, description="attention groups; derived as GPUs / TP")
-    expert_parallel: int | None = Field(None, ge=1, description="EP size; derived as all GPUs of the unit")
-    redundant_experts: int = Field(0, ge=0, description="extra physical expert slots for hot experts")
-    shared_expert_gpus: int = Field(
-        0, ge=0, description="GPUs that host the shared expert (+ redundant ones) instead of routed experts"
+    parallel: ParallelConfig | None = Field(
+        None, description="the unit's nodes x GPUs and their layout (raymoe.parallel.config.ParallelConfig); null = CPU"
     )
-    replicas: int = Field(1, ge=1, description="deployment units of this kind")
-    max_ongoing_requests: int = Field(
-        1024, ge=1, description="open calls one replica holds (Serve): its requests, plus one output stream per ingress"
+    deployment: dict[str, Any] = Field(
+        default_factory=dict, description="Serve deployment options over UNIT_DEPLOYMENT_DEFAULTS"
     )
     max_waiting_requests: int = Field(
         128, ge=1, description="requests waiting for the engine before new ones get 503 + Retry-After"
     )
-    num_cpus: float = Field(0.1, ge=0, description="CPUs of the replica actor (the unit's driver)")
-    node_resource: str | None = Field(None, description="custom resource pinning the replica to a node type")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of a CPU engine; default: Ray's")
     gil_switch_interval_ms: float = Field(
         5.0, gt=0, le=100, description="sys.setswitchinterval of the replica process (CPython's default: 5 ms)"
     )
     engine: EngineSection = Field(default_factory=EngineSection)
 
+    @field_validator("deployment")
+    @classmethod
+    def _deployment(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_deployment(value, UNIT_OWNED_OPTIONS)
+
     @property
     def num_gpus(self) -> int:
-        return self.nodes * self.gpus_per_node
+        return 0 if self.parallel is None else self.parallel.world_size
 
     @property
     def dp_size(self) -> int:
-        return max(1, self.num_gpus // self.attention_tp)
+        return 1 if self.parallel is None else max(1, self.parallel.dp_size)
+
+    def parallel_config(self) -> ParallelConfig | None:
+        """The layout the engine runs on the expert-parallel runtime (`build_executor`'s `parallel`).
+
+        None: the single-process engine (a CPU unit, or a one-GPU unit whose replica holds the GPU)."""
+        return self.parallel if self.num_gpus > 1 else None
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Serve's options of this unit's deployment: the defaults, with `deployment` over them."""
+        return _merge_options(UNIT_DEPLOYMENT_DEFAULTS, self.deployment)
 
     @property
-    def ep_size(self) -> int:
-        return max(1, self.num_gpus)
+    def replicas(self) -> int:
+        """The most replicas (units) Serve runs of this kind."""
+        return _max_replicas(self.deployment_options())
 
     @property
-    def is_multi_gpu(self) -> bool:
-        return self.num_gpus > 1
-
-    def problems(self, label: str, num_routed_experts: int | None) -> list[str]:
-        """Why this unit cannot be laid out (empty when it can)."""
-        out: list[str] = []
-        g, tp = self.gpus_per_node, self.attention_tp
-        if g == 0:
-            if self.nodes != 1:
-                out.append(f"{label}.nodes: a CPU unit (gpus_per_node: 0) runs on one node, got nodes={self.nodes}")
-            if tp != 1:
-                out.append(f"{label}.attention_tp: a CPU unit has no tensor parallelism, got attention_tp={tp}")
-            if self.redundant_experts or self.shared_expert_gpus:
-                out.append(f"{label}: redundant_experts / shared_expert_gpus need GPUs (gpus_per_node > 0)")
-            return out
-        if tp > g:
-            out.append(
-                f"{label}.attention_tp: a TP group of {tp} GPUs would span nodes of {g} GPUs "
-                "(TP groups must stay inside one node)"
-            )
-        elif g % tp:
-            out.append(f"{label}.attention_tp: gpus_per_node={g} is not divisible into TP groups of {tp}")
-        if self.attention_dp is not None and self.attention_dp * tp != self.num_gpus:
-            kind = "more ranks than GPUs" if self.attention_dp * tp > self.num_gpus else "GPUs left idle"
-            out.append(
-                f"{label}.attention_dp: {self.attention_dp} groups x TP{tp} = {self.attention_dp * tp} ranks "
-                f"but the unit has {self.nodes} x {g} = {self.num_gpus} GPUs ({kind})"
-            )
-        if self.expert_parallel is not None and self.expert_parallel != self.num_gpus:
-            kind = "more ranks than GPUs" if self.expert_parallel > self.num_gpus else "GPUs without experts"
-            out.append(
-                f"{label}.expert_parallel: EP{self.expert_parallel} but the unit has {self.num_gpus} GPUs ({kind})"
-            )
-        if self.shared_expert_gpus >= self.num_gpus:
-            out.append(
-                f"{label}.shared_expert_gpus: {self.shared_expert_gpus} of {self.num_gpus} GPUs leaves none for routed experts"
-            )
-        if num_routed_experts is not None and self.shared_expert_gpus < self.num_gpus:
-            slots = num_routed_experts + self.redundant_experts
-            if self.shared_expert_gpus:
-                # DeepSeek's decode: one routed expert per GPU, the shared-expert GPUs also take the redundant copies
-                routed_gpus = self.num_gpus - self.shared_expert_gpus
-                if num_routed_experts % routed_gpus:
-                    out.append(
-                        f"{label}: {num_routed_experts} routed experts do not divide over the "
-                        f"{routed_gpus} routed-expert GPUs ({self.num_gpus} - shared_expert_gpus {self.shared_expert_gpus})"
-                    )
-                if self.redundant_experts % self.shared_expert_gpus:
-                    out.append(
-                        f"{label}.redundant_experts: {self.redundant_experts} do not divide over "
-                        f"shared_expert_gpus={self.shared_expert_gpus}"
-                    )
-            elif slots % self.num_gpus:
-                out.append(
-                    f"{label}.redundant_experts: {num_routed_experts} routed + {self.redundant_experts} redundant "
-                    f"= {slots} expert slots do not divide over EP{self.num_gpus}"
-                )
-            if self.redundant_experts > num_routed_experts:
-                out.append(
-                    f"{label}.redundant_experts: {self.redundant_experts} redundant copies for "
-                    f"{num_routed_experts} experts (at most one extra copy each)"
-                )
-        return out
-
-    def parallel_spec(self) -> dict[str, Any] | None:
-        """The unit shape handed to the engine as `EngineConfig.parallel` (None: single-process engine)."""
-        if not self.is_multi_gpu:
-            return None
-        return {
-            "nodes": self.nodes,
-            "gpus_per_node": self.gpus_per_node,
-            "attention_tp": self.attention_tp,
-            "attention_dp": self.dp_size,
-            "expert_parallel": self.ep_size,
-            "redundant_experts": self.redundant_experts,
-            "shared_expert_gpus": self.shared_expert_gpus,
-            "node_resource": self.node_resource,
-        }
+    def max_ongoing_requests(self) -> int:
+        return int(self.deployment_options()["max_ongoing_requests"])
 
 
 class IngressSection(_Strict):
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.1, ge=0)
-    max_ongoing_requests: int = Field(1024, ge=1)
-    node_resource: str | None = None
+    """The OpenAI ingress deployment: its Serve options and its answer to a full queue."""
+
+    deployment: dict[str, Any] = Field(
+        default_factory=dict, description="Serve deployment options over INGRESS_DEPLOYMENT_DEFAULTS"
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503 when the queues are full")
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_deployment(value, INGRESS_OWNED_OPTIONS)
+
+    def deployment_options(self) -> dict[str, Any]:
+        return _merge_options(INGRESS_DEPLOYMENT_DEFAULTS, self.deployment)
+
+    @property
+    def replicas(self) -> int:
+        return _max_replicas(self.deployment_options())
 
 
 class ServeConfig(_Strict):
@@ -227,9 +241,9 @@ class ServeConfig(_Strict):
         """The unit kinds this app deploys: prefill + decode, or one `llm` unit (the decode section)."""
         return {"prefill": self.prefill, "decode": self.decode} if self.disaggregated else {"llm": self.decode}
 
-    def engine_config(self, unit: UnitConfig) -> Any:
+    def engine_config(self, unit: UnitConfig) -> EngineConfig:
         """The `EngineConfig` of one unit (a replica's engine, or the benchmark's engine alone)."""
-        from raymoe.engine.llm_engine import EngineConfig
+        from raymoe.engine.config import EngineConfig
 
         e = unit.engine
         return EngineConfig(
@@ -243,7 +257,6 @@ class ServeConfig(_Strict):
             max_num_seqs=e.max_num_seqs,
             max_num_batched_tokens=e.max_num_batched_tokens,
             enable_prefix_caching=e.enable_prefix_caching,
-            parallel=unit.parallel_spec(),
         )
 
 
@@ -270,28 +283,42 @@ def check_config(config: ServeConfig, *, inspect_checkpoint: bool = True) -> lis
         experts = found or experts
     for label, unit in config.units().items():
         name = label if config.disaggregated else "decode"
-        problems.extend(unit.problems(name, experts))
+        if unit.parallel is not None:  # the rules that need the model: ParallelConfig's, with the expert count
+            problems.extend(f"{name}.parallel.{p}" for p in unit.parallel.problems(experts))
         # Serve's cap on a replica's open calls must hold everything the unit admits (each request
         # holds one call) plus, on the unit that streams tokens, one output stream per ingress
         # replica; below that, Serve queues requests the unit would have answered with a 503
         admits = unit.engine.max_num_seqs * unit.dp_size + unit.max_waiting_requests
-        streams = config.ingress.num_replicas if label != "prefill" else 0
+        streams = config.ingress.replicas if label != "prefill" else 0
         if unit.max_ongoing_requests < admits + streams:
             extra = f" + {streams} output stream(s), one per ingress replica" if streams else ""
             problems.append(
-                f"{name}.max_ongoing_requests: {unit.max_ongoing_requests} is below what the unit admits "
+                f"{name}.deployment.max_ongoing_requests: {unit.max_ongoing_requests} is below what the unit admits "
                 f"(max_num_seqs {unit.engine.max_num_seqs} x DP{unit.dp_size} + max_waiting_requests "
                 f"{unit.max_waiting_requests} = {admits}){extra}: set it to at least {admits + streams}"
             )
     return problems
 
 
-def _format_validation_error(err: ValidationError) -> list[str]:
+def _format_validation_error(err: ValidationError, root: str = "args") -> list[str]:
     out = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "args"
-        out.append(f"{loc}: {e['msg']}")
+        loc = ".".join(str(x) for x in e["loc"]) or root
+        error = (e.get("ctx") or {}).get("error")
+        if isinstance(error, LayoutError | OptionsError):  # several problems, each naming its field
+            out.extend(f"{loc}{p}" if p.startswith(":") else f"{loc}.{p}" for p in error.problems)
+        else:
+            out.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
     return out
+
+
+def check_args(args: dict[str, Any], *, inspect_checkpoint: bool = True) -> list[str]:
+    """Everything wrong with a config's `args` (field errors, else layout errors); empty = deployable."""
+    try:
+        config = ServeConfig.model_validate(args)
+    except ValidationError as err:
+        return _format_validation_error(err)
+    return check_config(config, inspect_checkpoint=inspect_checkpoint)
 
 
 def load_serve_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -330,8 +357,4 @@ def check_config_file(path: str | Path) -> list[str]:
         _, args = load_serve_yaml(path)
     except (ValueError, FileNotFoundError) as exc:
         return [str(exc)]
-    try:
-        config = ServeConfig.model_validate(args)
-    except ValidationError as err:
-        return _format_validation_error(err)
-    return check_config(config)
+    return check_args(args)

@@ -19,7 +19,7 @@ import numpy as np
 import ray
 import torch
 
-from raymoe.engine.llm_engine import KVHandoff
+from raymoe.engine.outputs import KVHandoff
 
 
 @dataclass

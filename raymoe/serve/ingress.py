@@ -1,0 +1,454 @@
+"""The OpenAI-compatible ingress: parses and validates requests, drives prefill -> decode (or one
+unit), detokenizes, and measures what the client sees (TTFT, TPOT).
+
+Each unit replica holds a request for as long as the ingress's call to it (`decode`/`generate`)
+is open; the tokens come back on that replica's one output stream to this ingress replica
+(`stream_outputs`, read by `_pump`) and are demultiplexed into the request's queue.
+
+No `from __future__ import annotations` here: FastAPI reads the route signatures at run time.
+"""
+
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.handle import DeploymentHandle
+
+from raymoe.engine.config import resolve_max_model_len
+from raymoe.engine.output_processor import IncrementalDetokenizer
+from raymoe.engine.sampling_params import SamplingParams
+from raymoe.serve.config import ServeConfig
+from raymoe.serve.protocol import (
+    SSE_DONE,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    QueueFullError,
+    RequestRejected,
+    UnitUnavailable,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    completion_chunk,
+    models_body,
+    new_id,
+    openai_finish_reason,
+    parse_request,
+    sse,
+    usage,
+    usage_chunk,
+)
+from raymoe.serve.server import OutputDelta, TokenChunk, _replica_id
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="raymoe", description="OpenAI-compatible API over DeepSeek-V3-style MoE models")
+
+
+async def _drain(gen: Any) -> None:
+    """Read the end of a held call whose request already finished, so Serve counts the call done."""
+    try:
+        async for _ in gen:
+            pass
+    except (QueueFullError, RequestRejected, UnitUnavailable, RayError) as exc:
+        # the unit's own request errors, or its replica going away: the client already has its answer
+        logger.debug("a finished request's held call ended with %r", exc)
+    except Exception:
+        logger.warning("a finished request's held call failed", exc_info=True)
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What one response has sent so far, for its usage, finish reason and metrics."""
+
+    t_last: float  # when the latest tokens arrived
+    tokens: int = 0
+    reason: str | None = None  # OpenAI finish reason, once finished
+    status: str = "ok"  # the metrics' status label: ok, an HTTP status, cancelled
+
+
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        prefill: DeploymentHandle | None = None,
+        decode: DeploymentHandle | None = None,
+        llm: DeploymentHandle | None = None,
+    ) -> None:
+        from raymoe.model.config import ModelConfig
+        from raymoe.model.tokenizer import Tokenizer
+        from raymoe.serve.metrics import IngressMetrics
+
+        self.config = ServeConfig.model_validate(config)
+        path = Path(self.config.model.resolved_path())
+        self.model_config = ModelConfig.from_checkpoint(path)
+        self.tokenizer = Tokenizer.from_checkpoint(path)
+        self.model_name = self.config.model.served_name()
+        # what the units' engines admit: the same one default
+        self.max_model_len = resolve_max_model_len(self.config.engine_config(self.config.decode), self.model_config)
+        self.prefill = prefill
+        # the unit that streams tokens back: decode (disaggregated) or the one unit doing both
+        units = decode if decode is not None else llm
+        assert units is not None, "an ingress needs a decode or an llm deployment"
+        self.units = units.options(stream=True)
+        self.disaggregated = prefill is not None
+        # one output stream per unit replica for all of this ingress's requests there (see _pump)
+        self.subscriber = f"{_replica_id()}-{uuid.uuid4().hex[:8]}"
+        self._requests: dict[str, asyncio.Queue[Any]] = {}  # request id -> its deltas (or an error)
+        self._replica_of: dict[str, str] = {}  # request id -> the unit replica generating it
+        self._pumps: dict[str, asyncio.Task[None]] = {}  # unit replica -> its output stream's reader
+        self._background: set[asyncio.Task[None]] = set()
+        self.retry_after = str(self.config.ingress.retry_after_s)
+        self.metrics = IngressMetrics(self.model_name)
+
+    # --- validation ----------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(
+                400,
+                f"model {model!r} is not served here (available: {self.model_name!r})",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _token_ids(self, prompt: str | list[int], param: str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param=param)
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            if any(t < 0 or t >= vocab for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param=param)
+        if not ids:
+            raise APIError(400, "prompt is empty", param=param)
+        return ids
+
+    def _max_tokens(self, requested: int | None, default: int | None, prompt_len: int) -> int:
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise APIError(
+                400,
+                f"this model's maximum context length is {self.max_model_len} tokens, the prompt has "
+                f"{prompt_len} tokens (at least one must be left to generate)",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        if requested is None:
+            return room if default is None else min(default, room)
+        if prompt_len + requested > self.max_model_len:
+            raise APIError(
+                400,
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{prompt_len} and max_tokens asks for {requested} more",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested
+
+    def _hold(self, params: SamplingParams) -> int:
+        return max((len(s) for s in params.stop_strings), default=1) - 1
+
+    # --- generation ----------------------------------------------------------------------------
+    def _translate(self, exc: BaseException) -> APIError | None:
+        from ray.serve.exceptions import BackPressureError
+
+        if isinstance(exc, QueueFullError | BackPressureError):
+            return APIError(
+                503,
+                f"the server is at capacity, retry later ({str(exc).splitlines()[-1][:300]})",
+                type="server_overloaded",
+                code="queue_full",
+                headers={"Retry-After": self.retry_after},
+            )
+        if isinstance(exc, RequestRejected):
+            msg = str(exc).splitlines()[-1]
+            return APIError(400, msg.split("RequestRejected: ")[-1], code="request_rejected")
+        return None
+
+    def _release(self, ticket: Any) -> None:
+        assert self.prefill is not None
+        self.prefill.release.remote(ticket.request_id, replica=ticket.source_replica)
+
+    # --- the unit replicas' output streams ---------------------------------------------------
+    def _subscribe(self, replica: str) -> None:
+        task = self._pumps.get(replica)
+        if task is None or task.done():
+            self._pumps[replica] = asyncio.get_running_loop().create_task(self._pump(replica))
+
+    async def _pump(self, replica: str) -> None:
+        """Read one unit replica's output stream and hand each delta to its request's queue.
+
+        The stream ending or failing means the replica is gone: its requests here fail with 503."""
+        error: BaseException
+        try:
+            gen = self.units.stream_outputs.remote(self.subscriber, replica=replica)
+            async for batch in gen:
+                requests = self._requests
+                for delta in batch.deltas:
+                    q = requests.get(delta.request_id)
+                    if q is not None:  # None: the client went away, its abort is on the way
+                        q.put_nowait(delta)
+            error = UnitUnavailable(f"unit replica {replica}: its output stream ended")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = exc if isinstance(exc, QueueFullError) else UnitUnavailable(f"unit replica {replica}: {exc}")
+        finally:
+            if self._pumps.get(replica) is asyncio.current_task():
+                del self._pumps[replica]
+        for rid, rep in list(self._replica_of.items()):
+            if rep == replica and rid in self._requests:
+                self._requests[rid].put_nowait(error)
+
+    async def _admitted(self, gen: Any) -> str:
+        """The unit replica's id once it admitted the request (the first item of its held call)."""
+        try:
+            return await gen.__anext__()
+        except BaseException:
+            gen.cancel()
+            raise
+
+    async def _events(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
+        """The request's token chunks, from prefill then decode (or one unit); errors as APIError.
+
+        The unit replica holds the request for as long as its call (`held`) is open; tokens come
+        through that replica's output stream, demultiplexed into this request's queue."""
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self._requests[rid] = q
+        held: Any = None
+        ticket: Any = None  # the prefill replica pins the KV until this is released
+        done = False
+        try:
+            if self.prefill is not None:
+                resp = self.prefill.prefill.remote(rid, prompt, params)
+                try:
+                    res = await resp
+                except asyncio.CancelledError:
+                    resp.cancel()
+                    raise
+                first = TokenChunk([res.first_token_id], res.finished, res.finish_reason, res.text)
+                if res.finished:
+                    done = True
+                    yield first
+                    return
+                ticket = res.ticket
+                held = self.units.decode.remote(rid, ticket, params, self.subscriber)
+                # the decode replica's admission comes first, so a full decode queue is still a 503
+                # with Retry-After rather than an error inside an already-started 200 stream; the KV
+                # is fetched after it, while the first token goes out
+                replica = await self._admitted(held)
+                self._replica_of[rid] = replica
+                self._subscribe(replica)
+                yield first
+            else:
+                held = self.units.generate.remote(rid, prompt, params, self.subscriber)
+                replica = await self._admitted(held)
+                self._replica_of[rid] = replica
+                self._subscribe(replica)
+            while not done:
+                items: list[OutputDelta | BaseException] = [await q.get()]
+                while not q.empty():
+                    items.append(q.get_nowait())
+                if ticket is not None:  # decode has the KV (or gave up on it): the prefill replica may drop it
+                    self._release(ticket)
+                    ticket = None
+                ids: list[int] = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.error_kind == "unavailable":
+                        raise UnitUnavailable(item.error or "the deployment unit failed")
+                    if item.error_kind == "rejected":
+                        raise RequestRejected(item.error or "the engine refused the request")
+                    ids.extend(item.token_ids)
+                last = items[-1]
+                assert not isinstance(last, BaseException)
+                done = last.finished
+                yield TokenChunk(ids, done, last.finish_reason, last.text)
+        except Exception as exc:
+            err = self._translate(exc)
+            if err is None:
+                raise
+            raise err from None
+        finally:
+            if ticket is not None:
+                self._release(ticket)
+            self._requests.pop(rid, None)
+            self._replica_of.pop(rid, None)
+            if held is not None:
+                if done:  # the replica's call ends by itself: read its end so Serve counts it done
+                    task = asyncio.get_running_loop().create_task(_drain(held))
+                    self._background.add(task)  # the loop keeps only a weak reference to a task
+                    task.add_done_callback(self._background.discard)
+                else:
+                    held.cancel()  # the client went away: the replica aborts the request, KV freed
+
+    async def _run(
+        self,
+        endpoint: str,
+        rid: str,
+        prompt: list[int],
+        params: SamplingParams,
+        req: Any,
+        chat: bool,
+    ) -> Response:
+        stream, want_ids = req.stream, req.return_token_ids
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        t0 = time.perf_counter()
+        events = self._events(rid, prompt, params)
+        try:
+            first = await events.__anext__()  # errors before the first token keep their HTTP status
+        except APIError as e:
+            await events.aclose()
+            self.metrics.finished(endpoint, str(e.status), len(prompt), 0, None, None, time.perf_counter() - t0)
+            return _error(e)
+        t_first = time.perf_counter()
+        created = int(time.time())
+        detok = IncrementalDetokenizer(self.tokenizer, self._hold(params)) if self.tokenizer is not None else None
+        state = _Progress(t_last=t_first)
+
+        def record() -> None:
+            n = state.tokens
+            tpot = (state.t_last - t_first) / (n - 1) if n > 1 else None
+            self.metrics.finished(endpoint, state.status, len(prompt), n, t_first - t0, tpot, time.perf_counter() - t0)
+
+        async def chunks() -> AsyncIterator[tuple[str, TokenChunk]]:
+            chunk: TokenChunk | None = first
+            while chunk is not None:
+                state.tokens += len(chunk.token_ids)
+                state.t_last = time.perf_counter()
+                if detok is None:
+                    text = "".join(f"<{t}>" for t in chunk.token_ids)
+                elif chunk.finished:
+                    text = detok.push(chunk.token_ids) if chunk.text is None else ""
+                    text += detok.finish(chunk.text)
+                else:
+                    text = detok.push(chunk.token_ids)
+                if chunk.finished:
+                    state.reason = openai_finish_reason(chunk.finish_reason)
+                yield text, chunk
+                if chunk.finished:
+                    return
+                chunk = await events.__anext__()
+
+        if not stream:
+            parts: list[str] = []
+            ids: list[int] = []
+            try:
+                async for text, chunk in chunks():
+                    parts.append(text)
+                    ids.extend(chunk.token_ids)
+            except APIError as e:
+                state.status = str(e.status)
+                return _error(e)
+            except BaseException:
+                state.status = "cancelled"
+                raise
+            finally:
+                await events.aclose()
+                record()
+            use = usage(len(prompt), state.tokens)
+            build = chat_body if chat else completion_body
+            out = build(rid, self.model_name, "".join(parts), state.reason, use, created)
+            if want_ids:
+                out["choices"][0]["token_ids"] = ids
+                out["prompt_token_ids"] = prompt
+            return JSONResponse(out)
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    yield sse(chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}, None, created))
+                async for text, chunk in chunks():
+                    reason = state.reason if chunk.finished else None
+                    if not text and reason is None and not want_ids:
+                        continue
+                    if chat:
+                        obj = chat_chunk(rid, self.model_name, {"content": text} if text else {}, reason, created)
+                    else:
+                        obj = completion_chunk(rid, self.model_name, text, reason, created)
+                    if want_ids:
+                        obj["choices"][0]["token_ids"] = chunk.token_ids
+                    yield sse(obj)
+                if include_usage:
+                    obj = "chat.completion.chunk" if chat else "text_completion"
+                    yield sse(usage_chunk(rid, self.model_name, obj, usage(len(prompt), state.tokens), created))
+                yield SSE_DONE
+            except APIError as e:
+                state.status = str(e.status)
+                yield sse(e.body())
+                yield SSE_DONE
+            except BaseException:
+                state.status = "cancelled"
+                raise
+            finally:
+                await events.aclose()
+                record()
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # --- routes --------------------------------------------------------------------------------
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        try:
+            req: CompletionRequest = parse_request(await request.body(), CompletionRequest)
+            self._check_model(req.model)
+            prompt = self._token_ids(req.single_prompt(), "prompt")
+            params = req.sampling_params(self._max_tokens(req.max_tokens, 16, len(prompt)))
+        except APIError as e:
+            return _error(e)
+        return await self._run("completions", new_id("cmpl"), prompt, params, req, False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            req: ChatCompletionRequest = parse_request(await request.body(), ChatCompletionRequest)
+            self._check_model(req.model)
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer (and no chat template)", param="messages")
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            try:
+                rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except Exception as exc:  # a template error is about these messages
+                raise APIError(400, f"messages cannot be rendered by the chat template: {exc}", param="messages") from None
+            prompt = self._token_ids(rendered, "messages")
+            requested = req.max_completion_tokens or req.max_tokens
+            params = req.sampling_params(self._max_tokens(requested, None, len(prompt)))
+        except APIError as e:
+            return _error(e)
+        return await self._run("chat", new_id("chatcmpl"), prompt, params, req, True)
+
+    @api.get("/v1/models")
+    async def models(self) -> Response:
+        return JSONResponse(models_body(self.model_name, self.max_model_len))
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        return JSONResponse({"status": "ok", "model": self.model_name})
+
+    @api.get("/v1/stats")
+    async def stats(self) -> Response:
+        """Engine stats of the replicas serving this ingress (one per deployment kind answers)."""
+        out: dict[str, Any] = {"model": self.model_name, "disaggregated": self.prefill is not None}
+        handles = {"prefill": self.prefill, "decode" if self.disaggregated else "llm": self.units}
+        for role, handle in handles.items():
+            if handle is not None:
+                out[role] = await handle.options(stream=False).stats.remote()
+        return JSONResponse(out)
