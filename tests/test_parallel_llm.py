@@ -40,7 +40,7 @@ def test_config_errors() -> None:
 
 
 def test_unplaceable_unit_fails_clearly(ray_cluster) -> None:
-    cfg = ParallelConfig(nodes=3, gpus_per_node=4, placement_timeout_s=3)
+    cfg = ParallelConfig(nodes=3, gpus_per_node=4, slots_per_gpu=6, placement_timeout_s=3)
     with pytest.raises(UnitFailure, match=r"3 node\(s\) with 4 free GPU\(s\) each are needed"):
         tiny_unit(cfg, kv_cache_tokens=4 * BLOCK, block_size=BLOCK)
 
