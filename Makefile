@@ -1,11 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
 #   make serve   start the OpenAI-compatible app on a local Ray instance with the generated tiny model
+#   make serve-ep  the same through the expert-parallel runtime (simulated GPUs) with live expert re-placement
 #   make test    run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.raymoe-installed
 
-.PHONY: serve test lint bench clean generate prometheus
+.PHONY: serve serve-ep test lint bench clean generate prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +33,11 @@ test: $(STAMP) prometheus
 
 serve: $(STAMP)
 	$(VENV)/bin/raymoe serve deployments/local.yaml
+
+# prefill and decode units of 1 node x 2 workers on 4 GPUs the local Ray node declares (CPU compute,
+# gloo); a LoadTracker per unit re-plans every 60 s (`raymoe experts` shows the placements change)
+serve-ep: $(STAMP)
+	$(VENV)/bin/raymoe serve deployments/local-ep.yaml --num-gpus 4
 
 generate: $(STAMP)
 	$(VENV)/bin/raymoe generate --prompt "The capital of France is" --max-tokens 32

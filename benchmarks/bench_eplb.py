@@ -33,6 +33,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_block import write_block  # noqa: E402
 from eplb_baseline import rebalance_experts  # noqa: E402
 
 from raymoe.eplb import Placement, choose_replicas, gpu_token_counts, rebalance  # noqa: E402
@@ -46,8 +47,6 @@ UNITS = {  # name: (nodes, gpus per node, slots per GPU)
     "prefill 4x8, 16 slots": (4, 8, 16),
 }
 NUM_EXPERTS, NUM_GROUPS, TOKENS = 256, 8, 16384 * 8
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
-BEGIN, END = "<!-- bench_eplb.py: begin -->", "<!-- bench_eplb.py: end -->"
 
 
 def zipf_load(layers: int, skew: float, seed: int) -> np.ndarray:
@@ -208,17 +207,8 @@ def main() -> None:
     text = "\n".join(out)
     print("\n" + text)
     if args.write:
-        write_docs(text)
-        print(f"bench_eplb: wrote {DOCS}")
+        print(f"bench_eplb: wrote {write_block('bench_eplb.py', text)}")
 
-
-def write_docs(text: str) -> None:
-    """Replaces the block between this script's markers in docs/BENCHMARKS.md."""
-    doc = DOCS.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{DOCS}: no {BEGIN} ... {END} block to replace")
-    start, end = doc.index(BEGIN), doc.index(END) + len(END)
-    DOCS.write_text(doc[:start] + f"{BEGIN}\n{text}\n{END}" + doc[end:])
 
 if __name__ == "__main__":
     main()

@@ -23,11 +23,11 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from docs_block import write_block
 
 from raymoe.engine.executor import ModelInput
 from raymoe.engine.model_runner import DataParallelRunner
@@ -37,10 +37,6 @@ from raymoe.parallel.config import ParallelConfig
 from raymoe.parallel.executor import initial_placement
 from raymoe.parallel.testing import BLOCKS_PER_SEQ, make_input, tiny_unit
 
-SECTION = "## Expert-parallel runtime"
-BEGIN = "<!-- bench_parallel.py: begin -->"
-END = "<!-- bench_parallel.py: end -->"
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 BLOCK = 16
 
 
@@ -117,8 +113,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     balance[plan, choice] = (unit.last_stats.busiest_gpu_tokens, unit.last_stats.mean_gpu_tokens)
                 if plan == "uniform":  # what the load tracker would do: re-plan from the recorded counts (this batch's)
                     load = unit.expert_load()
-                    unit.update_placement(initial_placement(unit.topo, unit.model_config, True, load=load))
-            unit.update_placement(uniform)
+                    unit.migrate(initial_placement(unit.topo, unit.model_config, True, load=load))
+            unit.migrate(uniform)
             out[kind] = {
                 "ref": statistics.median(t_ref),
                 "off": statistics.median(t_off),
@@ -239,22 +235,6 @@ def table(m: dict[str, Any] | None, proj: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    doc = DOCS.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc:
-        start, end = doc.index(BEGIN), doc.index(END) + len(END)
-        doc = doc[:start] + block + doc[end:]
-    else:
-        head = doc.index(SECTION) + len(SECTION)
-        nxt = doc.find("\n## ", head)
-        body = (
-            "\n\n`python benchmarks/bench_parallel.py --write` (about 3 minutes on the 2-core box).\n\n" + block + "\n"
-        )
-        doc = doc[:head] + body + (doc[nxt:] if nxt >= 0 else "")
-    DOCS.write_text(doc)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -270,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(m, proj)
     print(text)
     if args.write and m is not None:
-        write_docs(text)
-        print(f"bench_parallel: wrote {DOCS}")
+        print(f"bench_parallel: wrote {write_block('bench_parallel.py', text)}")
     return 0
 
 

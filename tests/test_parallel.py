@@ -78,7 +78,7 @@ def test_unit_matches_single_process(
 
 
 def test_placement_update_keeps_results(unit_2x4: ExpertParallelExecutor, reference: Transformer) -> None:
-    """Hot experts (a skewed load) get more replicas: workers load them, switch together, results unchanged."""
+    """Hot experts (a skewed load) get more replicas: workers fetch them from peers, switch together, results unchanged."""
     from raymoe.eplb.policy import rebalance
 
     old = unit_2x4.placement
@@ -88,8 +88,10 @@ def test_placement_update_keeps_results(unit_2x4: ExpertParallelExecutor, refere
         load[j, hot[j]] = 40.0
     new = rebalance(load, 2, 4, 9, 8, previous=old)
     assert all((new.replica_count[j, hot[j]] > 1).all() for j in range(2))
-    loaded = unit_2x4.update_placement(new)
-    assert 0 < loaded <= new.num_moves_from(old)  # a slot may change to an expert its GPU already holds
+    result = unit_2x4.migrate(new)
+    assert 0 < result.moved <= new.num_moves_from(old)  # a slot may change to an expert its GPU already holds
+    assert result.from_peers == result.moved and result.from_disk == 0  # every expert had a host: peers send
+    assert unit_2x4.placement is new and unit_2x4.placement_version == 1
     hosted = unit_2x4._gather([w.hosted_experts.remote() for w in unit_2x4.workers])
     for r, h in enumerate(hosted):
         for j, layer in enumerate(unit_2x4.model_config.moe_layers):

@@ -59,6 +59,9 @@ def test_decode_layout_shared_expert_routed(ray_cluster) -> None:
         model: Transformer = load_checkpoint(default_checkpoint(), progress=False)
         check_against_reference(unit, model, block_size=BLOCK, num_blocks=BLOCKS, steps=1)
         assert unit.last_stats.mean_gpu_tokens > 0
+        load = unit.expert_load()  # the shared expert is the last column: every token routes to it once
+        assert load.shape == (2, 65) and load[:, 64].min() > 0
+        assert (load[:, :64].sum(axis=1) == 8 * load[:, 64]).all()
     finally:
         unit.shutdown()
 

@@ -40,8 +40,29 @@ def test_defaults_and_normalisation() -> None:
         ("stop_token_ids", ["7"]),
         ("ignore_eos", "yes"),
         ("logprobs", 1),
+        ("max_tokens", 2**63),
+        ("temperature", float("inf")),
+        ("temperature", 1e7),
+        ("top_p", float("nan")),
+        ("top_k", 2**63),
+        ("top_k", 10**30),
+        ("seed", 2**63),
+        ("seed", -(2**63) - 1),
+        ("stop", ["s"] * 17),
+        ("stop", "x" * 1025),
+        ("stop", 5),
+        ("stop_token_ids", [2**63]),
+        ("stop_token_ids", list(range(1025))),
     ],
 )
 def test_bad_values_name_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"^{field} "):
         SamplingParams(**{field: value})
+
+
+def test_int64_bounds_are_inclusive() -> None:
+    """The largest values a tensor holds are accepted: the bound is the representation, not a guess."""
+    p = SamplingParams(max_tokens=2**63 - 1, top_k=2**63 - 1, seed=-(2**63), stop_token_ids=[2**63 - 1])
+    assert (p.top_k, p.seed) == (2**63 - 1, -(2**63))
+    p.validate()  # idempotent: the engine checks admitted params again
+    assert SamplingParams(stop=["x" * 1024] * 16).stop_strings == ("x" * 1024,) * 16

@@ -82,10 +82,15 @@ class ModelInput:
 
 @dataclass
 class SamplerOutput:
-    """Per sampled row of the matching ModelInput: the token and (when asked) its log-probability."""
+    """Per sampled row of the matching ModelInput: the token and (when asked) its log-probability.
+
+    errors: rows that could not be sampled (row -> why; their token is -1): those requests fail
+    alone, the rest of the batch carries on.
+    """
 
     token_ids: list[int]
     logprobs: list[float] | None
+    errors: dict[int, str] | None = None
 
 
 @runtime_checkable

@@ -6,6 +6,12 @@ and drives one step: schedule every rank, build each rank's input (`input_builde
 its `Executor` (chosen one level up, `raymoe.executors`), and turn the samples into request
 outputs (`output_processor`). Everything per token on the host is list work proportional to the
 number of sequences; the tensors of a step are built in one go.
+
+Request isolation: what belongs to one request fails that request alone. Its parameters are
+checked again at admission (a ValueError, nothing unrepresentable reaches a tensor); a row the
+sampler could not sample (`SamplerOutput.errors`) and a failure in its own output processing end
+it with finish_reason "error" and `RequestOutput.error`, its blocks freed, while the batch carries
+on. Only what `Executor.execute` raises (the device, a collective, a dead worker) fails the step.
 """
 
 from __future__ import annotations
@@ -133,6 +139,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} already exists")
         params = params or SamplingParams()
+        params.validate()  # unpickled params (a Ray call) were never constructed here
         ids = self._tokenize(request_id, prompt)
         seq = Sequence(
             request_id,
@@ -156,6 +163,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} already exists")
         params = params or SamplingParams()
+        params.validate()
         ids = self._tokenize(request_id, handoff.prompt_token_ids)
         mc = self.model_config
         if not 0 <= handoff.first_token_id < mc.vocab_size:
@@ -234,7 +242,10 @@ class LLMEngine:
         if self._finished_now:
             for seq in self._finished_now:
                 self.requests.pop(seq.request_id, None)
-                outputs.append(self.output.finish(seq))
+                try:
+                    outputs.append(self.output.finish(seq))
+                except Exception as exc:  # its own text could not be made: it alone fails
+                    outputs.append(self._failed(seq, f"output processing failed: {exc}"))
             self._finished_now.clear()
         batches = [s.schedule() for s in self.schedulers]
         self.last_step_ran = any(b is not None for b in batches)
@@ -258,12 +269,11 @@ class LLMEngine:
         self, rank: int, batch: ScheduledBatch, result: SamplerOutput | None
     ) -> list[RequestOutput]:
         bm = self.block_managers[rank]
-        sched = self.schedulers[rank]
-        proc = self.output
         outputs: list[RequestOutput] = []
         k = 0
         tokens = result.token_ids if result is not None else []
         lps = result.logprobs if result is not None else None
+        errors = result.errors if result is not None and result.errors else {}
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
@@ -273,21 +283,43 @@ class LLMEngine:
                 continue  # a prefill chunk that did not reach the end
             if k >= len(tokens):
                 raise RuntimeError(f"executor returned {len(tokens)} tokens for rank {rank}, expected more")
-            done = proc.append_token(seq, tokens[k], lps[k] if lps is not None else None)
-            k += 1
-            self.generation_tokens += 1
-            if done or seq.prefill_only:
-                if not done:
-                    seq.finish_reason = "prefill"
-                sched.remove(seq)
-                seq.status = SequenceStatus.FINISHED
-                if not seq.prefill_only:
-                    bm.free_sequence(seq)
-                    del self.requests[seq.request_id]
-                outputs.append(proc.finish(seq))
-            else:
-                outputs.append(proc.new_tokens(seq))
+            row, k = k, k + 1
+            if row in errors:
+                outputs.append(self._fail(rank, seq, errors[row]))
+                continue
+            try:
+                outputs.append(self._append(rank, seq, tokens[row], lps[row] if lps is not None else None))
+            except Exception as exc:  # its stop check or its text: this request's own failure
+                outputs.append(self._fail(rank, seq, f"output processing failed: {exc}"))
         return outputs
+
+    def _append(self, rank: int, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+        """One sampled token into its request: the request's news, finished when the token ends it."""
+        proc = self.output
+        done = proc.append_token(seq, token, logprob)
+        self.generation_tokens += 1
+        if not done and not seq.prefill_only:
+            return proc.new_tokens(seq)
+        if not done:
+            seq.finish_reason = "prefill"
+        self.schedulers[rank].remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        if not seq.prefill_only:
+            self.block_managers[rank].free_sequence(seq)
+            del self.requests[seq.request_id]
+        return proc.finish(seq)
+
+    def _fail(self, rank: int, seq: Sequence, error: str) -> RequestOutput:
+        """End one request with an error (its blocks freed, even a prefill_only one's); the batch goes on."""
+        self.schedulers[rank].remove(seq)
+        self.block_managers[rank].free_sequence(seq)
+        self.requests.pop(seq.request_id, None)
+        return self._failed(seq, error)
+
+    def _failed(self, seq: Sequence, error: str) -> RequestOutput:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "error"
+        return RequestOutput(seq.request_id, [], None, True, "error", seq.num_prompt_tokens, None, error)
 
     # --- introspection ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:

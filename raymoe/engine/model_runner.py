@@ -2,19 +2,72 @@
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 from raymoe.engine.config import EngineConfig, kv_cache_tokens
 from raymoe.engine.executor import ModelInput, SamplerOutput
 from raymoe.engine.sampler import Sampler
+from raymoe.eplb.migration import MigrationResult, MigrationStatus
+from raymoe.eplb.placement import Placement
+from raymoe.eplb.recorder import ExpertLoadRecorder
 from raymoe.model.config import ModelConfig
-from raymoe.model.deepseek_v3 import Transformer
+from raymoe.model.deepseek_v3 import MoE, Transformer
+
+LOAD_WINDOW_STEPS = 1024  # steps of expert-load counts a single-process unit keeps (the workers' default too)
 
 
-class ModelRunner:
-    """Runs the model over one rank's flat batch and samples on the device the logits are on."""
+class HostsEveryExpert:
+    """`raymoe.eplb.migration.ExpertHost` of a unit that runs every expert in one process: no placement and
+    nothing to migrate, but the routed ids of every MoE layer are counted (one index_add per layer and
+    step, through `MoE.route_observer`) over the last `LOAD_WINDOW_STEPS` steps, so a load tracker
+    on a CPU app sees the imbalance an expert-parallel unit would fix."""
 
-    def __init__(self, model: Transformer, num_kv_blocks: int, block_size: int) -> None:
+    recorder: ExpertLoadRecorder | None
+
+    def _record_load(self, model: Transformer) -> None:
+        moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
+        device = next(model.parameters()).device  # counted where the ids are: no copy, no sync per layer
+        self.recorder = (
+            ExpertLoadRecorder(len(moes), model.config.n_routed_experts, LOAD_WINDOW_STEPS, device) if moes else None
+        )
+        for j, moe in enumerate(moes):
+            assert self.recorder is not None
+            moe.route_observer = functools.partial(self.recorder.record, j)
+
+    @property
+    def placement(self) -> Placement | None:
+        return None
+
+    @property
+    def placement_version(self) -> int:
+        return 0
+
+    def expert_load(self) -> np.ndarray:
+        """[moe_layers, experts] routed (token, expert) assignments over the window."""
+        return self.recorder.load() if self.recorder is not None else np.zeros((0, 0))
+
+    def begin_migration(self, placement: Placement) -> None:
+        raise RuntimeError(
+            f"{type(self).__name__} hosts every expert in one process: there is nothing to migrate "
+            "(an expert-parallel unit, `parallel=`, moves experts)"
+        )
+
+    def migration_status(self) -> MigrationStatus:
+        return MigrationStatus(placement_version=0, staging=False, pending_commit=False, last=None, error=None)
+
+    def commit_idle(self) -> MigrationResult | None:
+        return None
+
+
+class ModelRunner(HostsEveryExpert):
+    """Runs the model over one rank's flat batch and samples on the device the logits are on.
+
+    `record_load`: count expert load (off for the ranks of a `DataParallelRunner`, which counts for them)."""
+
+    def __init__(self, model: Transformer, num_kv_blocks: int, block_size: int, *, record_load: bool = True) -> None:
         if num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
         self.model = model.eval()
@@ -27,6 +80,9 @@ class ModelRunner:
             model.kv_cache_shape(num_kv_blocks, block_size), dtype=self.dtype, device=self.device
         )
         self.sampler = Sampler()
+        self.recorder = None
+        if record_load:
+            self._record_load(model)
 
     @property
     def dp_size(self) -> int:
@@ -50,9 +106,15 @@ class ModelRunner:
     def execute(self, inputs: list[ModelInput | None]) -> list[SamplerOutput | None]:
         if len(inputs) != 1:
             raise ValueError(f"ModelRunner has one DP rank, got {len(inputs)} inputs")
-        inp = inputs[0]
+        out = self.run(inputs[0])
+        if self.recorder is not None:
+            self.recorder.step()
+        return [out]
+
+    def run(self, inp: ModelInput | None) -> SamplerOutput | None:
+        """This rank's batch through the model (no load-window step closed: `execute` does that)."""
         if inp is None:
-            return [None]
+            return None
         dev = self.device
         hidden = self.model(
             inp.input_ids.to(dev, non_blocking=True),
@@ -61,11 +123,11 @@ class ModelRunner:
             self.kv_cache,
         )
         if inp.sampling is None or inp.sample_indices.numel() == 0:
-            return [SamplerOutput([], None)]
+            return SamplerOutput([], None)
         idx = inp.sample_indices.to(dev, non_blocking=True)
         rows = hidden if idx.numel() == hidden.shape[0] else hidden[idx]
         logits = self.model.compute_logits(rows)
-        return [self.sampler(logits, inp.sampling)]
+        return self.sampler(logits, inp.sampling)
 
     def _check(self, dp_rank: int, block_ids: list[int]) -> None:
         if dp_rank != 0:
@@ -90,7 +152,7 @@ class ModelRunner:
         self.kv_cache = torch.empty(0)
 
 
-class DataParallelRunner:
+class DataParallelRunner(HostsEveryExpert):
     """`dp_size` attention ranks in one process over one shared model, each with its own paged cache.
 
     The reference for the expert-parallel runtime's executor: the same per-rank scheduling and KV
@@ -100,7 +162,8 @@ class DataParallelRunner:
     def __init__(self, model: Transformer, dp_size: int, num_kv_blocks: int, block_size: int) -> None:
         if dp_size < 1:
             raise ValueError(f"dp_size must be >= 1, got {dp_size}")
-        self.ranks = [ModelRunner(model, num_kv_blocks, block_size) for _ in range(dp_size)]
+        self.ranks = [ModelRunner(model, num_kv_blocks, block_size, record_load=False) for _ in range(dp_size)]
+        self._record_load(model)
 
     @property
     def dp_size(self) -> int:
@@ -121,7 +184,11 @@ class DataParallelRunner:
     def execute(self, inputs: list[ModelInput | None]) -> list[SamplerOutput | None]:
         if len(inputs) != self.dp_size:
             raise ValueError(f"{self.dp_size} DP ranks, got {len(inputs)} inputs")
-        return [rank.execute([inp])[0] for rank, inp in zip(self.ranks, inputs, strict=True)]
+        with torch.inference_mode():
+            out = [rank.run(inp) for rank, inp in zip(self.ranks, inputs, strict=True)]
+        if self.recorder is not None:
+            self.recorder.step()
+        return out
 
     def _rank(self, dp_rank: int) -> ModelRunner:
         if not 0 <= dp_rank < self.dp_size:

@@ -18,6 +18,7 @@ class RequestOutput:
     finish_reason: str | None
     prompt_len: int
     text: str | None = None  # the whole output text, once finished (None without a tokenizer)
+    error: str | None = None  # the request failed alone (finish_reason "error"): why, for its client
 
 
 @dataclass(slots=True)

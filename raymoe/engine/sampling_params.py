@@ -5,6 +5,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+INT64_MAX = (1 << 63) - 1
+INT64_MIN = -(1 << 63)
+MAX_STOP_STRINGS = 16  # the OpenAI edge allows 4; more is the offline API's
+MAX_STOP_STRING_CHARS = 1024  # each step decodes a window of this many tokens per request
+MAX_STOP_TOKEN_IDS = 1024  # checked per generated token
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
 
 @dataclass
 class SamplingParams:
@@ -15,6 +29,10 @@ class SamplingParams:
     the match (the matched text is not returned); stop_token_ids and the model's EOS end it after
     the token (EOS unless ignore_eos). logprobs=True returns the log-probability, under the model's
     raw distribution, of every generated token.
+
+    Every value fits the tensor it becomes (int64, finite float32), so nothing a request carries
+    can fail a batch: the engine checks again (`validate`) when it admits a request, since a
+    dataclass that crossed a process boundary was not re-constructed.
     """
 
     max_tokens: int = 16
@@ -29,26 +47,39 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check (and normalise) every field; ValueError starting with the field's name. Idempotent."""
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT64_MAX:
+            raise ValueError(f"max_tokens must be an integer in [1, 2**63 - 1], got {self.max_tokens!r}")
+        if not _is_number(self.temperature):
             raise ValueError(f"temperature must be a number, got {self.temperature!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or not 0 <= self.temperature <= 1e6:
+            raise ValueError(f"temperature must be finite and in [0, 1e6], got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:  # NaN fails the comparison too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off), 0 (off) or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= INT64_MAX:
+            raise ValueError(f"top_k must be -1 (off), 0 (off) or a positive integer below 2**63, got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**63 - 1] or None, got {self.seed!r}")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop if isinstance(self.stop, list | tuple) else None
+        if stop is None and self.stop is not None:
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        stop = list(stop or [])
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
+            raise ValueError(
+                f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters"
+            )
         self.stop_strings = tuple(stop)
-        ids = list(self.stop_token_ids or [])
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        self.stop_token_ids = ids
+        ids = self.stop_token_ids if self.stop_token_ids is not None else []
+        if not isinstance(ids, list | tuple) or not all(_is_int(i) and 0 <= i <= INT64_MAX for i in ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers below 2**63, got {self.stop_token_ids!r}")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+        self.stop_token_ids = list(ids)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if not isinstance(self.logprobs, bool):

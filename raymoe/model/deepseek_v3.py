@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -344,13 +344,14 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_count_param
 
 @dataclass
 class ExpertStack:
-    """The hosted experts' weights as batched tensors: w13 [E_h, D, 2I] (gate columns then up columns), w2 [E_h, I, D].
+    """The hosted experts' weights as batched tensors: w13 [R, D, 2I] (gate columns then up columns), w2 [R, I, D].
 
     Input-major (x @ w, the Linears' weights transposed): a few-row matmul streams the weight rows
     in order, ~15% faster on a CPU core than the [out, in] layout at decode sizes.
 
-    row[e] is expert e's index in the stack (-1: not hosted). It remembers the modules and
-    parameters it was built from, so a swapped or moved expert is noticed and the stack rebuilt.
+    row[e] is expert e's row in the stack (-1: not hosted); a row no expert holds is free
+    (`MoE.stack_rows`, `MoE.replace_experts`). It remembers the modules and parameters it was
+    built from, so a swapped or moved expert is noticed and the stack rebuilt.
     """
 
     modules: tuple[nn.Module | None, ...]
@@ -365,6 +366,8 @@ class ExpertStack:
         self._param_dicts = [lin._parameters for lin, _ in self.params]
         self._param_objs = [p for _, p in self.params]
         self._checked_epoch = -1
+        # where the first expert's gate and down weights are now: .to() moves them, and the stack is rebuilt
+        self._ptrs = (self.params[0][1].data_ptr(), self.params[2][1].data_ptr()) if self.params else None
 
     def valid_for(self, experts: nn.ModuleList) -> bool:
         """Same expert modules, same parameter objects, still views of this stack (not moved by .to())."""
@@ -375,7 +378,17 @@ class ExpertStack:
             if not all(map(operator.is_, map(_weight_of, self._param_dicts), self._param_objs)):
                 return False
             self._checked_epoch = _param_epoch
-        return self.params[0][1].data_ptr() == self.w13.data_ptr() and self.params[2][1].data_ptr() == self.w2.data_ptr()
+        if self._ptrs is None:  # only free rows: nothing of the model points into them
+            return True
+        return (self.params[0][1].data_ptr(), self.params[2][1].data_ptr()) == self._ptrs
+
+
+def _view_row(m: MLP, w13: torch.Tensor, w2: torch.Tensor, r: int) -> None:
+    """Point an expert's parameters at row r of the stack (no copy: an update through either is seen by both)."""
+    inter = w2.shape[1]
+    m.gate_proj.weight = nn.Parameter(w13[r, :, :inter].t(), requires_grad=False)
+    m.up_proj.weight = nn.Parameter(w13[r, :, inter:].t(), requires_grad=False)
+    m.down_proj.weight = nn.Parameter(w2[r].t(), requires_grad=False)
 
 
 class MoE(nn.Module):
@@ -404,6 +417,11 @@ class MoE(nn.Module):
         )
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
         self._stack: ExpertStack | None = None
+        # rows the expert stack has at least: free rows let `replace_experts` host more experts than it was
+        # built with (the expert-parallel runtime sets its slots per GPU)
+        self.stack_rows = 0
+        # called with each routing result ([T, top_k] ids): the single-process runner counts expert load with it
+        self.route_observer: Callable[[torch.Tensor], None] | None = None
 
     @property
     def hosted_experts(self) -> list[int]:
@@ -411,7 +429,10 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, top_k] logical expert ids (int64) and their float32 weights (scaled)."""
-        return self.gate(x)
+        ids, weights = self.gate(x)
+        if self.route_observer is not None:
+            self.route_observer(ids)
+        return ids, weights
 
     def expert_stack(self) -> ExpertStack | None:
         """Batched weights of the hosted experts (None when none is hosted), built on first use.
@@ -421,27 +442,83 @@ class MoE(nn.Module):
         Assigning a new module or parameter, or moving the model (.to()), rebuilds the stack.
         """
         st = self._stack
+        like = self.gate.weight if st is None or not st.params else None  # the model's device and dtype
         if st is not None and st.valid_for(self.experts):
-            return st
+            # a stack of free rows only: no parameter points into it, so check it is still where the model is
+            if like is None or (st.w13.device, st.w13.dtype) == (like.device, like.dtype):
+                return st
+        like = self.gate.weight
         hosted = [(e, m) for e, m in enumerate(self.experts) if m is not None]
-        if not hosted:
+        rows = max(len(hosted), self.stack_rows)
+        if not rows:
             self._stack = None
             return None
         # normal tensors even under inference_mode: the parameters must stay updatable in place
         with torch.inference_mode(False), torch.no_grad():
-            w13 = torch.stack([torch.cat((m.gate_proj.weight, m.up_proj.weight)).t() for _, m in hosted])
-            w2 = torch.stack([m.down_proj.weight.t() for _, m in hosted])
-            inter = self.moe_intermediate_size
+            dim, inter = like.shape[1], self.moe_intermediate_size
+            w13 = torch.zeros((rows, dim, 2 * inter), dtype=like.dtype, device=like.device)
+            w2 = torch.zeros((rows, inter, dim), dtype=like.dtype, device=like.device)
             for i, (_, m) in enumerate(hosted):
-                m.gate_proj.weight = nn.Parameter(w13[i, :, :inter].t(), requires_grad=False)
-                m.up_proj.weight = nn.Parameter(w13[i, :, inter:].t(), requires_grad=False)
-                m.down_proj.weight = nn.Parameter(w2[i].t(), requires_grad=False)
+                w13[i].copy_(torch.cat((m.gate_proj.weight, m.up_proj.weight)).t())
+                w2[i].copy_(m.down_proj.weight.t())
+                _view_row(m, w13, w2, i)
             row = torch.full((self.n_routed_experts,), -1, dtype=torch.long, device=w13.device)
-            row[torch.tensor([e for e, _ in hosted], device=w13.device)] = torch.arange(len(hosted), device=w13.device)
-        params = [(lin, lin.weight) for _, m in hosted for lin in (m.gate_proj, m.up_proj, m.down_proj)]
+            row[torch.tensor([e for e, _ in hosted], dtype=torch.long, device=w13.device)] = torch.arange(
+                len(hosted), device=w13.device
+            )
+        return self._restack(w13, w2, row)
+
+    def _restack(self, w13: torch.Tensor, w2: torch.Tensor, row: torch.Tensor) -> ExpertStack:
+        """The stack's bookkeeping (modules, parameters) over weights already in place."""
+        hosted = [m for m in self.experts if m is not None]
+        params = [(lin, lin.weight) for m in hosted for lin in (m.gate_proj, m.up_proj, m.down_proj)]
         modules = tuple(self.experts._modules.values())
         self._stack = ExpertStack(modules, params, w13, w2, row, len(hosted) == self.n_routed_experts)
         return self._stack
+
+    def replace_experts(self, add: Mapping[int, tuple[torch.Tensor, torch.Tensor]], drop: Iterable[int]) -> None:
+        """Stop hosting `drop` and host `add` ({expert: (w13 [D, 2I], w2 [I, D]), the stack's layout}) in the
+        rows that frees and the free rows, copied in place: the stack keeps its storage (no rebuild).
+
+        How the expert-parallel runtime commits a migration. The module of a freed row serves the
+        expert that takes the row; its parameters stay views of the stack.
+        """
+        st = self.expert_stack()
+        drop = sorted(set(drop))
+        if st is None:
+            raise ValueError("replace_experts: this MoE layer hosts no expert (no stack to copy into)")
+        hosted = set(self.hosted_experts)
+        stray = [e for e in drop if e not in hosted] + [e for e in add if not 0 <= e < self.n_routed_experts]
+        if stray:
+            raise ValueError(f"replace_experts: expert(s) {stray} not hosted or out of range")
+        again = sorted(set(add) & (hosted - set(drop)))
+        if again:
+            raise ValueError(f"replace_experts: expert(s) {again} already hosted")
+        rows = st.row.tolist()
+        owner = {rows[e]: self.experts[e] for e in drop}  # freed row -> the module that views it
+        taken = {r for r in rows if r >= 0}
+        free = sorted(owner) + [r for r in range(st.w13.shape[0]) if r not in taken]
+        if len(add) > len(free):
+            raise ValueError(
+                f"replace_experts: {len(add)} experts to add, {len(free)} free rows in a stack of {st.w13.shape[0]} "
+                "(set stack_rows before the stack is built)"
+            )
+        for e in drop:
+            self.experts[e] = None
+            rows[e] = -1
+        with torch.inference_mode(False), torch.no_grad():
+            for (e, (w13, w2)), r in zip(sorted(add.items()), free, strict=False):
+                st.w13[r].copy_(w13)
+                st.w2[r].copy_(w2)
+                m = owner.get(r)
+                if m is None:
+                    with torch.device("meta"):
+                        m = MLP(st.w2.shape[2], self.moe_intermediate_size, fuse=False)
+                    _view_row(m, st.w13, st.w2, r)
+                self.experts[e] = m
+                rows[e] = r
+            st.row.copy_(torch.tensor(rows, dtype=torch.long))
+        self._restack(st.w13, st.w2, st.row)
 
     # None: decide per call (see use_grouped_mm); tests force one path or the other
     GROUPED_MM: bool | None = None

@@ -246,8 +246,10 @@ def _is_fp8_weight(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith("_proj.weight") and ".shared_head." not in name
 
 
-def _random_tensors(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """float32 tensors under their checkpoint names, the MTP layer(s) included."""
+def _random_tensors(config: ModelConfig, seed: int, hot_experts: int = 0) -> dict[str, torch.Tensor]:
+    """float32 tensors under their checkpoint names, the MTP layer(s) included. `hot_experts`: the
+    first that many routed experts of every MoE layer get a gate bias that makes the router pick them
+    for (nearly) every token: skewed load for expert-placement tests, the scores left as they are."""
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(config)
@@ -257,6 +259,7 @@ def _random_tensors(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict().items():
         if name.endswith("e_score_correction_bias"):
             t = (torch.rand(t.shape, generator=g) - 0.5) * 0.04  # small, so it shifts selection but not scores
+            t[:hot_experts] += 1.0  # sigmoid scores lie in (0, 1): +1 wins every selection
         tensors[checkpoint_name(name)] = t.detach().clone()
     # MTP module(s): one more decoder layer plus its projection and head, as published
     h, v = config.hidden_size, config.vocab_size
@@ -337,11 +340,14 @@ def make_tiny(
     max_shard_bytes: int = 4 << 20,
     tokenizer: bool = True,
     progress: bool = True,
+    hot_experts: int = 0,
     **config_overrides: Any,
 ) -> Path:
     """Write a random DeepSeek-V3-shaped checkpoint to out_dir (created; existing files replaced).
 
     config_overrides change TINY_CONFIG keys (e.g. num_hidden_layers=3, n_routed_experts=16).
+    `hot_experts`: that many routed experts (ids 0..n-1) win the routing of nearly every token
+    (a gate bias), so live expert load is skewed the way a re-plan can fix.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -355,14 +361,16 @@ def make_tiny(
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model*.safetensors*"):
         old.unlink()
-    tensors = _random_tensors(config, seed)
+    if not 0 <= hot_experts <= config.num_experts_per_tok:
+        raise ValueError(f"hot_experts: expected 0..{config.num_experts_per_tok} (experts per token), got {hot_experts}")
+    tensors = _random_tensors(config, seed, hot_experts)
     write_safetensors(out, tensors, fp8=fp8, max_shard_bytes=max_shard_bytes, progress=progress)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     generation = {"_from_model_config": True, "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tok is not None:
         write_tokenizer(out, tok, config.max_position_embeddings)
-    marker = {"version": TINY_VERSION, "seed": seed, "fp8": fp8, "overrides": config_overrides}
+    marker = {"version": TINY_VERSION, "seed": seed, "fp8": fp8, "hot_experts": hot_experts, "overrides": config_overrides}
     (out / MARKER_FILE).write_text(json.dumps(marker, sort_keys=True) + "\n")
     for f in out.iterdir():  # safetensors writes owner-only files; a checkpoint is for reading
         f.chmod(0o644)

@@ -48,6 +48,10 @@ class ParallelConfig(BaseModel):
     )
     node_resource: str | None = Field(None, description="custom resource every worker bundle asks a sliver of (node type)")
     load_window_steps: int = Field(1024, ge=1, description="steps of expert-load counts each worker keeps")
+    migration_bytes_in_flight: int = Field(
+        256 << 20, ge=1,
+        description="expert-migration bytes a worker sends plus receives per transfer round (at least one expert)",
+    )
     worker_cpus: float = Field(0.0, ge=0, description="CPUs each worker actor reserves (GPU workers mostly wait)")
     collective_timeout_s: float = Field(120.0, gt=0, description="a collective that waits longer fails the step")
     placement_timeout_s: float = Field(120.0, gt=0, description="how long to wait for the nodes' GPUs to be free")

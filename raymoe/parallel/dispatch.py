@@ -212,16 +212,17 @@ def moe_dispatch_combine(ctx: EPContext, layer: int, moe: MoE, x: torch.Tensor) 
     if t:
         ids, weights = moe.route(x)
         ids_cpu = ids.cpu()
-        if ctx.recorder is not None:
-            ctx.recorder.record(ctx.moe_index[layer], ids_cpu)
+        shared_ids = torch.full((t, 1), ctx.shared_id) if ctx.shared_id is not None else None
+        if ctx.recorder is not None:  # the decode layout's load has the shared expert as its last column
+            ctx.recorder.record(ctx.moe_index[layer], ids_cpu if shared_ids is None else torch.cat((ids_cpu, shared_ids), 1))
         slots = choose_replicas(
             ctx.log2phy[layer], ctx.replica_count[layer], topo.slots_per_gpu, ids_cpu, ctx.replica_choice,
             num_gpus=topo.world_size,
         )
         weights = weights.float().cpu()
-        if ctx.shared_id is not None:  # the shared expert as one more routed expert, weight 1
+        if shared_ids is not None:  # the shared expert as one more routed expert, weight 1
             shared = choose_replicas(
-                ctx.log2phy[layer], ctx.replica_count[layer], topo.slots_per_gpu, torch.full((t, 1), ctx.shared_id),
+                ctx.log2phy[layer], ctx.replica_count[layer], topo.slots_per_gpu, shared_ids,
                 ctx.replica_choice, num_gpus=topo.world_size,
             )
             slots = torch.cat((slots, shared), dim=1)

@@ -4,11 +4,14 @@ Ray is the control plane only: one STRICT_PACK placement group per node, one wor
 GPU, one Ray call per worker per step (the inputs of its DP rank), health through the results.
 The data plane (TP all-reduce, dispatch/combine all-to-alls) is torch.distributed inside the
 unit, rendezvousing at a TCP store the driver hosts. A worker that dies fails the step at once
-with a clear error; the unit is then torn down and must be rebuilt as a whole.
+with a clear error; the unit is then torn down and must be rebuilt as a whole. Expert placements
+change live (`begin_migration`): workers stage the weights beside the steps, and a step commits.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -20,11 +23,23 @@ import torch
 from raymoe.engine.config import EngineConfig
 from raymoe.engine.executor import ModelInput, SamplerOutput
 from raymoe.eplb import Placement, rebalance
+from raymoe.eplb.migration import MigrationError, MigrationResult, MigrationStatus
+from raymoe.eplb.placement import check_same_shape
 from raymoe.model.config import ModelConfig
 from raymoe.parallel.config import ParallelConfig
 from raymoe.parallel.dispatch import LayerStats
+from raymoe.parallel.migration import StagingReport
 from raymoe.parallel.topology import Topology
-from raymoe.parallel.worker import GPUWorker, PlacementMaps, WorkerSpec, WorkerStepResult
+from raymoe.parallel.worker import (
+    GPUWorker,
+    MigrationOrder,
+    PlacementMaps,
+    WorkerMigrationStatus,
+    WorkerSpec,
+    WorkerStepResult,
+)
+
+log = logging.getLogger(__name__)
 
 
 class UnitFailure(RuntimeError):
@@ -82,6 +97,23 @@ class _UnitMetrics:
         self.steps.inc()
 
 
+@dataclass
+class _Migration:
+    """The migration in flight: staged on every worker (each reports its `StagingReport`), then committed."""
+
+    placement: Placement
+    version: int
+    reports: list[StagingReport | None]
+
+    @property
+    def staged(self) -> bool:
+        return all(r is not None and r.done and r.error is None for r in self.reports)
+
+    @property
+    def ended(self) -> bool:
+        return all(r is not None and r.done for r in self.reports)
+
+
 def initial_placement(
     topo: Topology, model: ModelConfig, node_limited: bool, load: np.ndarray | None = None
 ) -> Placement:
@@ -117,6 +149,10 @@ class ExpertParallelExecutor:
         self.model_config = ModelConfig.from_checkpoint(config.model)
         self.topo = Topology.from_config(parallel, self.model_config)
         self.placement = placement or initial_placement(self.topo, self.model_config, parallel.node_limited)
+        self.placement_version = 0  # +1 per committed migration
+        self.last_migration: MigrationResult | None = None
+        self._migration: _Migration | None = None
+        self._migration_error: str | None = None
         self._block_size = config.block_size
         self._num_kv_blocks = 0  # set once the workers have reported what fits
         self._failure: str | None = None
@@ -208,27 +244,102 @@ class ExpertParallelExecutor:
         per_worker = self._gather([w.expert_load.remote() for w in self.workers])
         return np.sum(per_worker, axis=0)
 
-    def update_placement(self, placement: Placement) -> int:
-        """Move to a new expert placement (e.g. `rebalance(expert_load(), ..., previous=placement)`).
+    # --- live expert migration (raymoe.eplb.migration.ExpertHost) -------------------------------------
+    def begin_migration(self, placement: Placement) -> None:
+        """Start moving to `placement` (e.g. `rebalance(expert_load(), ..., previous=self.placement)`) while
+        steps go on: every worker stages the experts it gains (from a peer that hosts them, else from the
+        checkpoint) on a background thread; the first step once all have staged commits on every rank.
 
-        Two phases between steps: every worker first reads the experts it gains (staged beside the
-        running ones), then all switch their maps together, so every rank dispatches with the same
-        plan at the same step. Returns the number of expert copies loaded.
+        Not thread-safe, like `execute`: call it (and `migration_status`, `commit_idle`) from the thread
+        that steps the engine. ValueError: a placement of another shape; RuntimeError: one in flight.
         """
-        old = self.placement
-        if (placement.num_nodes, placement.gpus_per_node, placement.slots_per_gpu) != (
-            old.num_nodes, old.gpus_per_node, old.slots_per_gpu
-        ) or placement.phy2log.shape != old.phy2log.shape or placement.num_experts != old.num_experts:
-            raise ValueError(
-                f"placement: shape {placement.num_nodes}x{placement.gpus_per_node}x{placement.slots_per_gpu} "
-                f"{tuple(placement.phy2log.shape)} does not match the unit's "
-                f"{old.num_nodes}x{old.gpus_per_node}x{old.slots_per_gpu} {tuple(old.phy2log.shape)}"
-            )
-        maps = PlacementMaps.of(placement)
-        loaded = sum(self._gather([w.stage_placement.remote(maps) for w in self.workers]))
-        self._gather([w.commit_placement.remote() for w in self.workers])
-        self.placement = placement
-        return int(loaded)
+        if self._migration is not None:
+            raise RuntimeError(f"a migration to placement version {self._migration.version} is in flight")
+        try:
+            check_same_shape(self.placement, placement)
+        except ValueError as e:
+            raise ValueError(f"placement: {e} (the unit's placement)") from None
+        version = self.placement_version + 1
+        order = MigrationOrder(version, PlacementMaps.of(placement))
+        self._gather([w.begin_migration.remote(order) for w in self.workers])
+        self._migration = _Migration(placement, version, [None] * len(self.workers))
+        self._migration_error = None
+
+    def migration_status(self) -> MigrationStatus:
+        """Where the migration stands; while it stages, one cheap status call per worker (between steps)."""
+        m = self._migration
+        if m is not None and not m.staged:
+            self._observe(self._gather([w.migration_status.remote() for w in self.workers]))
+        m = self._migration
+        return MigrationStatus(
+            placement_version=self.placement_version,
+            staging=m is not None and not m.staged,
+            pending_commit=m is not None and m.staged,
+            last=self.last_migration,
+            error=self._migration_error,
+        )
+
+    def commit_idle(self) -> MigrationResult | None:
+        """Commit a fully staged migration with an all-empty step (the engine has no work); None if none is staged."""
+        if not self.migration_status().pending_commit:
+            return None
+        self._step([None] * self.dp_size, want_logits=False)
+        return self.last_migration
+
+    def migrate(self, placement: Placement, timeout_s: float = 120.0) -> MigrationResult:
+        """begin_migration, wait for the staging, commit with an empty step: for offline use and tests.
+
+        MigrationError: staging failed (the old placement stays). TimeoutError: still staging after
+        `timeout_s` (it stays in flight: a later step or `commit_idle` commits it)."""
+        self.begin_migration(placement)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            result = self.commit_idle()
+            if result is not None:
+                return result
+            if self._migration is None:
+                raise MigrationError(self._migration_error or "migration failed")
+            if time.monotonic() > deadline:
+                v = self._migration.version
+                raise TimeoutError(f"migration to placement version {v} still staging after {timeout_s} s")
+            time.sleep(0.005)
+
+    def worker_migration_status(self) -> list[WorkerMigrationStatus]:
+        """Each worker's own view: its step counter, placement version, the step of its latest commit."""
+        return self._gather([w.migration_status.remote() for w in self.workers])
+
+    def _observe(self, statuses: list[WorkerMigrationStatus]) -> None:
+        """Take the workers' staging reports; a staging that ended with an error anywhere is dropped everywhere."""
+        m = self._migration
+        if m is None:
+            return
+        for i, st in enumerate(statuses):
+            if st.staging is not None and st.staging.version == m.version:
+                m.reports[i] = st.staging
+        if not m.ended or m.staged:
+            return
+        errors = [r.error for r in m.reports if r is not None and r.error is not None]
+        self._gather([w.discard_migration.remote() for w in self.workers])
+        self._migration = None
+        why = "; ".join(errors)
+        self._migration_error = f"migration to placement version {m.version} failed, the old placement stays: {why}"
+        log.warning("expert-parallel unit: %s", self._migration_error)
+
+    def _committed(self, m: _Migration, results: list[WorkerStepResult]) -> None:
+        versions = {r.migration.placement_version for r in results}
+        if versions != {m.version}:
+            self._fail(f"placement version {m.version} committed on some workers only (versions {sorted(versions)})")
+        reports = [r for r in m.reports if r is not None]
+        self.placement, self.placement_version, self._migration = m.placement, m.version, None
+        self.last_migration = MigrationResult(
+            placement_version=m.version,
+            moved=sum(r.copies for r in reports),
+            bytes=sum(r.bytes for r in reports),
+            from_peers=sum(r.from_peers for r in reports),
+            from_disk=sum(r.from_disk for r in reports),
+            stage_s=max(r.seconds for r in reports),
+            commit_s=max(r.commit_s for r in results),
+        )
 
     def set_options(
         self, *, overlap: bool | None = None, replica_choice: str | None = None, node_limited: bool | None = None
@@ -264,10 +375,16 @@ class ExpertParallelExecutor:
         if len(inputs) != self.dp_size:
             raise ValueError(f"{self.dp_size} DP ranks, got {len(inputs)} inputs")
         refs = [ray.put(inp) if inp is not None else None for inp in inputs]
+        m = self._migration
+        commit = m.version if m is not None and m.staged else None  # every rank switches at the start of this step
         calls = [
-            w.step.remote(refs[self.topo.dp_rank_of(r)], want_logits) for r, w in enumerate(self.workers)
+            w.step.remote(refs[self.topo.dp_rank_of(r)], want_logits, commit) for r, w in enumerate(self.workers)
         ]
         results: list[WorkerStepResult] = self._gather(calls)
+        if m is not None and commit is not None:
+            self._committed(m, results)
+        else:
+            self._observe([r.migration for r in results])
         self.last_stats = StepStats.from_workers([r.stats for r in results], [r.seconds for r in results])
         if self._metrics is None:
             self._metrics = _UnitMetrics()

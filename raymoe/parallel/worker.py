@@ -25,10 +25,11 @@ from raymoe.engine.sampler import Sampler
 from raymoe.eplb.placement import Placement
 from raymoe.eplb.recorder import ExpertLoadRecorder
 from raymoe.model.config import ModelConfig
-from raymoe.model.deepseek_v3 import MLA, MLP, MoE, Transformer
-from raymoe.model.weights import CheckpointReader, _block_size, checkpoint_name, load_checkpoint, read_tensor
+from raymoe.model.deepseek_v3 import MLA, MoE, Transformer
+from raymoe.model.weights import _block_size, load_checkpoint
 from raymoe.parallel.config import ParallelConfig
 from raymoe.parallel.dispatch import EPContext, LayerStats, Step, Works, moe_dispatch_combine, rotate_replicas
+from raymoe.parallel.migration import ExpertSource, Stager, StagingReport, plan_migration
 from raymoe.parallel.topology import Topology
 
 
@@ -107,10 +108,22 @@ def run_interleaved(steps: list[Step]) -> list[Any]:
 
 
 @dataclass(slots=True)
+class WorkerMigrationStatus:
+    """A worker's placement as it serves, and the migration it stages (on every step result; `migration_status`)."""
+
+    steps: int  # steps this worker has run (its own counter)
+    placement_version: int
+    committed_at_step: int | None  # the step (of `steps`) at whose start the latest migration was committed
+    staging: StagingReport | None  # the migration being staged or staged, None when there is none
+
+
+@dataclass(slots=True)
 class WorkerStepResult:
     output: SamplerOutput | torch.Tensor | None  # TP rank 0 of a group with work: sampled tokens or logits
     stats: dict[int, LayerStats]
     seconds: float
+    migration: WorkerMigrationStatus
+    commit_s: float  # time this step spent committing a migration before its forward (0.0: none)
 
 
 @dataclass(slots=True)
@@ -141,10 +154,10 @@ class WorkerSpec:
 
 
 @dataclass(slots=True)
-class StagedPlacement:
-    """A new placement read by `stage_placement`, waiting for `commit_placement` (between steps)."""
+class MigrationOrder:
+    """Stage the move to placement `version` (the driver's `begin_migration`, one call per worker)."""
 
-    experts: dict[tuple[int, int], MLP]  # (model layer, logical expert) -> weights this GPU gains
+    version: int
     maps: PlacementMaps
 
 
@@ -172,8 +185,13 @@ class GPUWorker:
         self.replica_choice, self.overlap = p.replica_choice, p.overlap
         self.timeout = timedelta(seconds=p.collective_timeout_s)
         self.load_window_steps = p.load_window_steps
+        self.bytes_in_flight = p.migration_bytes_in_flight
         self.sampler = Sampler()
-        self._staged: StagedPlacement | None = None
+        self.steps = 0
+        self.placement_version = 0
+        self.committed_at_step: int | None = None
+        self._stager: Stager | None = None  # the migration being staged or staged
+        self._order: MigrationOrder | None = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -199,6 +217,11 @@ class GPUWorker:
             g = dist.new_group(topo.node_ranks(n), backend=backend)
             if n == topo.node_of(rank):
                 self.node_group = g
+        # expert migration's own group: its transfers (on a background thread) never interleave with a step's
+        # collectives on one group, and it times out like them
+        self.migration_group = dist.new_group(list(range(topo.world_size)), backend=backend, timeout=self.timeout)
+        # connected now, with every rank (NCCL's first operation on a group must involve all of its ranks)
+        dist.all_reduce(torch.zeros(1, device=self.device), group=self.migration_group)
         self.config = ModelConfig.from_checkpoint(self.engine.model)
         moe_layers = self.config.moe_layers
         model = load_checkpoint(
@@ -211,6 +234,10 @@ class GPUWorker:
                 layer.self_attn = shard_attention(layer.self_attn, self.config, self.tp_rank, topo.attention_tp)
         self.model: Transformer = model
         self.dtype = next(model.parameters()).dtype
+        for layer in moe_layers:  # a slot per stack row: a migration copies experts into rows, never restacks
+            moe = model.layers[layer].mlp
+            moe.stack_rows = topo.slots_per_gpu
+            moe.expert_stack()
         self.ep = EPContext(
             topo=topo,
             rank=rank,
@@ -221,7 +248,10 @@ class GPUWorker:
             replica_count={},
             phy2log_local={},
             shared_id=topo.shared_expert_id,
-            recorder=ExpertLoadRecorder(len(moe_layers), self.config.n_routed_experts, self.load_window_steps),
+            recorder=ExpertLoadRecorder(  # the decode layout counts the shared expert as one more column
+                len(moe_layers), self.config.n_routed_experts + (topo.shared_expert_id is not None),
+                self.load_window_steps,
+            ),
             moe_index={layer: j for j, layer in enumerate(moe_layers)},
         )
         self._install_maps(self.maps)
@@ -280,9 +310,13 @@ class GPUWorker:
         return model.norm(h)
 
     @torch.inference_mode()
-    def step(self, inp: ModelInput | None, want_logits: bool = False) -> WorkerStepResult:
-        """One engine step for this worker's DP rank (None: an empty batch that still joins every collective)."""
+    def step(self, inp: ModelInput | None, want_logits: bool = False, commit: int | None = None) -> WorkerStepResult:
+        """One engine step for this worker's DP rank (None: an empty batch that still joins every collective).
+
+        `commit`: the placement version every rank switches to at the start of this same step (staged before)."""
         t0 = time.perf_counter()
+        self.steps += 1
+        commit_s = self._commit(commit) if commit is not None else 0.0
         self.ep.stats = {}
         if self.overlap:
             mbs = split_micro_batches(inp) if inp is not None else [None, None]
@@ -301,8 +335,8 @@ class GPUWorker:
                 logits = self.model.compute_logits(hidden[idx])
                 out = logits.cpu() if want_logits else self.sampler(logits, inp.sampling)
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return WorkerStepResult(out, self.ep.stats, time.perf_counter() - t0)
+            torch.cuda.current_stream(self.device).synchronize()  # this step's stream: a migration stages beside it
+        return WorkerStepResult(out, self.ep.stats, time.perf_counter() - t0, self.migration_status(), commit_s)
 
     # --- control plane -----------------------------------------------------------------------------
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:
@@ -331,44 +365,63 @@ class GPUWorker:
             for j, layer in enumerate(self.config.moe_layers)
         }
 
-    def stage_placement(self, maps: PlacementMaps) -> int:
-        """Read the experts this GPU gains under a new plan into side modules; the running maps are untouched."""
-        cfg, dt = self.config, self.dtype
-        reader = CheckpointReader(self.engine.model)
-        block = _block_size(cfg)
-        staged: dict[tuple[int, int], MLP] = {}
-        try:
-            for layer, ids in self._hosted_plan(maps.phy2log).items():
-                moe = self.model.layers[layer].mlp
-                for e in set(ids) - set(moe.hosted_experts):
-                    m = MLP(cfg.hidden_size, cfg.moe_intermediate_size, fuse=False).to(device=self.device, dtype=dt)
-                    for name, p in m.named_parameters():
-                        full = checkpoint_name(f"layers.{layer}.mlp.experts.{e}.{name}")
-                        with torch.no_grad():
-                            p.copy_(read_tensor(reader, full, tuple(p.shape), block, device=self.device).to(dt))
-                    staged[(layer, e)] = m.eval().requires_grad_(False)
-        finally:
-            reader.close()
-        self._staged = StagedPlacement(staged, maps)
-        return len(staged)
+    # --- migration: stage in the background, commit at the start of a step ----------------------------
+    def begin_migration(self, order: MigrationOrder) -> None:
+        """Start staging the experts this GPU gains under `order` on a background thread; returns at once."""
+        if self._stager is not None and self._stager.running:
+            raise RuntimeError(f"rank {self.rank}: a migration to version {self._stager.version} is still staging")
+        cfg = self.config
+        d, i = cfg.hidden_size, cfg.moe_intermediate_size
+        expert_bytes = 3 * d * i * self.dtype.itemsize
+        plan = plan_migration(self.maps.phy2log, order.maps.phy2log, self.topo, expert_bytes, self.bytes_in_flight)
+        sources = {}
+        for j, layer in enumerate(cfg.moe_layers):
+            st = self.model.layers[layer].mlp.expert_stack()
+            if st is not None:
+                sources[j] = ExpertSource(st.w13, st.w2, st.row.tolist())
+        self._order = order
+        self._stager = Stager(
+            rank=self.rank, version=order.version, plan=plan, sources=sources, group=self.migration_group,
+            checkpoint=self.engine.model, moe_layers=list(cfg.moe_layers), shapes=((d, 2 * i), (i, d)),
+            dtype=self.dtype, device=self.device, block=_block_size(cfg),
+        )
+        self._stager.start()
 
-    def commit_placement(self) -> None:
-        """Switch to the staged plan: new experts in, dropped ones out, dispatch maps replaced (between steps)."""
-        if self._staged is None:
-            raise RuntimeError("commit_placement without a staged placement (call stage_placement first)")
-        staged, maps = self._staged.experts, self._staged.maps
-        plan = self._hosted_plan(maps.phy2log)
-        for layer, ids in plan.items():
-            moe = self.model.layers[layer].mlp
-            keep = set(ids)
-            for e in moe.hosted_experts:
-                if e not in keep:
-                    moe.experts[e] = None
-            for e in ids:
-                if moe.experts[e] is None:
-                    moe.experts[e] = staged[(layer, e)]
-        self._install_maps(maps)
-        self._staged = None
+    def migration_status(self) -> WorkerMigrationStatus:
+        return WorkerMigrationStatus(
+            self.steps, self.placement_version, self.committed_at_step,
+            self._stager.report if self._stager is not None else None,
+        )
+
+    def discard_migration(self) -> None:
+        """Drop a finished staging (failed here or on a peer): its side buffers are freed, the placement stays."""
+        if self._stager is not None:
+            self._stager.join()
+        self._stager, self._order = None, None
+
+    def _commit(self, version: int) -> float:
+        """Switch to the staged placement: gained experts copied into the rows of the dropped ones (in place),
+        dispatch maps replaced. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        stager, order = self._stager, self._order
+        if stager is None or order is None or stager.version != version or not stager.report.done:
+            raise RuntimeError(f"rank {self.rank}: commit of version {version} without a finished staging of it")
+        if stager.report.error is not None:
+            raise RuntimeError(f"rank {self.rank}: commit of version {version} whose staging failed")
+        before, after = self._hosted_plan(self.maps.phy2log), self._hosted_plan(order.maps.phy2log)
+        for j, layer in enumerate(self.config.moe_layers):
+            old, new = set(before[layer]), set(after[layer])
+            add = {e: stager.buffers[(j, e)] for e in new - old}
+            if add or old - new:
+                self.model.layers[layer].mlp.replace_experts(add, old - new)
+        if self.device.type == "cuda":  # staged on the staging stream, read on this one: free them only after
+            for w13, w2 in stager.buffers.values():
+                w13.record_stream(torch.cuda.current_stream(self.device))
+                w2.record_stream(torch.cuda.current_stream(self.device))
+        self._install_maps(order.maps)
+        self.placement_version, self.committed_at_step = version, self.steps
+        self._stager, self._order = None, None
+        return time.perf_counter() - t0
 
     def _install_maps(self, maps: PlacementMaps) -> None:
         """Dispatch with `maps` from the next MoE layer on: this rank's rotated replica lists, its slots' experts."""
@@ -388,6 +441,22 @@ class GPUWorker:
 
     def hosted_experts(self) -> dict[int, list[int]]:
         return {i: layer.mlp.hosted_experts for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)}
+
+    def expert_weights(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """A hosted expert's weights as its module names them (`gate_proj.weight`, ...: views of its stack row)."""
+        m = self.model.layers[layer].mlp.experts[expert]
+        if m is None:
+            raise ValueError(f"rank {self.rank} does not host expert {expert} of layer {layer}")
+        return {name: p.detach().cpu().clone() for name, p in m.named_parameters()}
+
+    def expert_storage(self) -> dict[int, tuple[int, int]]:
+        """Per MoE layer, where its expert stack's w13 and w2 live (a migration copies into them, never moves them)."""
+        out = {}
+        for layer in self.config.moe_layers:
+            st = self.model.layers[layer].mlp.expert_stack()
+            if st is not None:
+                out[layer] = (st.w13.data_ptr(), st.w2.data_ptr())
+        return out
 
     def shutdown(self) -> None:
         if dist.is_initialized():

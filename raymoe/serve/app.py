@@ -68,6 +68,24 @@ def _server(cls: type, unit: UnitConfig, policy: str, cfg: ServeConfig, config: 
     return serve.deployment(cls).options(name=cls.__name__, request_router_config=router, **options).bind(config)
 
 
+def ensure_tracker(app: str, role: str, deployment: str, unit: UnitConfig) -> Any | None:
+    """The LoadTracker of one unit kind of `app` (`raymoe-tracker-<app>-<role>`), got or created with
+    the unit's `eplb:` settings; with `eplb.enabled` false, a tracker left from an earlier deploy
+    is ended and None returned.
+
+    Called by every replica of the unit when it starts, not by `build_app`: Serve's builder does
+    not know the app's name, and it may run in a short-lived build task. The tracker is detached
+    (it outlives the replica that made it, so a replica restart keeps its history) and ends itself
+    once the app is deleted (`serve delete`, `serve shutdown`); a redeploy under the same name
+    keeps it and hands it the new settings; Ray restarts it if its process dies."""
+    from raymoe.eplb.tracker import ServeUnit, start_tracker, stop_tracker
+
+    if not unit.eplb.enabled:
+        stop_tracker(app, role)
+        return None
+    return start_tracker(app, role, ServeUnit(app, deployment), unit.eplb.tracker_settings())
+
+
 def build_app(args: dict[str, Any] | ServeConfig) -> Any:
     """The Serve application for a config (Serve's builder, named by `import_path`)."""
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args or {})

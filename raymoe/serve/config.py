@@ -22,6 +22,7 @@ from raymoe.parallel.config import LayoutError, ParallelConfig
 
 if TYPE_CHECKING:
     from raymoe.engine.config import EngineConfig
+    from raymoe.eplb.tracker import TrackerSettings
 
 BUILDER_IMPORT_PATH = "raymoe.serve.app:build_app"
 
@@ -129,6 +130,42 @@ def _max_replicas(options: dict[str, Any]) -> int:
     return int(options["num_replicas"])
 
 
+class EplbSection(_Strict):
+    """The unit kind's LoadTracker (`raymoe.eplb.tracker`): re-plan expert placement from live load.
+
+    Off by default (as in vLLM and SGLang). On a CPU unit the tracker only measures: the single
+    process hosts every expert, so it reports the imbalance an expert-parallel unit would have."""
+
+    enabled: bool = Field(False, description="run a LoadTracker for this unit kind")
+    interval_s: float = Field(600.0, gt=0, description="re-plan at least this often (DeepSeek-V3: every 10 minutes)")
+    poll_s: float = Field(10.0, gt=0, description="how often the tracker reads every replica's expert load")
+    trigger_imbalance: float | None = Field(
+        None, ge=1.0, description="re-plan early when the current placement's imbalance (busiest GPU / mean) "
+        "exceeds this; null: on the interval only"
+    )
+    min_gain: float = Field(
+        1.05, ge=1.0, description="migrate only when current / re-planned imbalance reaches this (skip when balanced)"
+    )
+    window_steps: int | None = Field(
+        None, ge=1, description="engine steps of expert load each replica keeps and the plan reads; "
+        "default: parallel.load_window_steps"
+    )
+    tolerance: float = Field(
+        0.03, ge=0, lt=1, description="how much worse than a fresh plan a layer's few-move plan may be (rebalance)"
+    )
+    max_moves: int | None = Field(
+        None, ge=1, description="most expert copies one migration moves (whole layers, largest gain first); null: no cap"
+    )
+    migration_timeout_s: float = Field(
+        300.0, gt=0, description="a replica's migration (stage + commit) that takes longer is reported as failed"
+    )
+
+    def tracker_settings(self) -> TrackerSettings:
+        from raymoe.eplb.tracker import TrackerSettings
+
+        return TrackerSettings(**self.model_dump(exclude={"enabled", "window_steps"}))
+
+
 class UnitConfig(_Strict):
     """One deployment unit kind: each Serve replica of it is one unit (its GPUs laid out by `parallel`).
 
@@ -151,6 +188,7 @@ class UnitConfig(_Strict):
         5.0, gt=0, le=100, description="sys.setswitchinterval of the replica process (CPython's default: 5 ms)"
     )
     engine: EngineSection = Field(default_factory=EngineSection)
+    eplb: EplbSection = Field(default_factory=EplbSection)
 
     @field_validator("deployment")
     @classmethod
@@ -168,8 +206,22 @@ class UnitConfig(_Strict):
     def parallel_config(self) -> ParallelConfig | None:
         """The layout the engine runs on the expert-parallel runtime (`build_executor`'s `parallel`).
 
-        None: the single-process engine (a CPU unit, or a one-GPU unit whose replica holds the GPU)."""
-        return self.parallel if self.num_gpus > 1 else None
+        None: the single-process engine (a CPU unit, or a one-GPU unit whose replica holds the GPU).
+        `eplb.window_steps` sets the workers' load window (`load_window_steps`)."""
+        if self.parallel is None or self.num_gpus <= 1:
+            return None
+        if self.eplb.window_steps is None:
+            return self.parallel
+        return self.parallel.model_copy(update={"load_window_steps": self.eplb.window_steps})
+
+    def load_window_steps(self) -> int:
+        """Engine steps of expert load a replica keeps (what the tracker's plans read)."""
+        parallel = self.parallel_config()
+        if parallel is None:
+            from raymoe.engine.model_runner import LOAD_WINDOW_STEPS
+
+            return LOAD_WINDOW_STEPS
+        return parallel.load_window_steps
 
     def deployment_options(self) -> dict[str, Any]:
         """Serve's options of this unit's deployment: the defaults, with `deployment` over them."""
@@ -192,6 +244,25 @@ class IngressSection(_Strict):
         default_factory=dict, description="Serve deployment options over INGRESS_DEPLOYMENT_DEFAULTS"
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503 when the queues are full")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="when any is set (here or in RAYMOE_API_KEY, comma-separated), every /v1/* route needs "
+        "`Authorization: Bearer <key>`; /health stays open",
+    )
+    max_request_bytes: int = Field(
+        8 << 20, ge=1024, description="a larger request body is answered 413 before it is parsed"
+    )
+    max_json_depth: int = Field(32, ge=4, le=1000, description="deeper JSON nesting in a request body is a 400")
+    tokenizer_threads: int = Field(
+        2, ge=1, le=64, description="threads that parse, template and tokenize requests off the event loop"
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        if any(not k or k != k.strip() or "," in k for k in value):
+            raise ValueError("each API key must be a non-empty string without spaces at its ends or commas")
+        return value
 
     @field_validator("deployment")
     @classmethod
@@ -270,6 +341,25 @@ def _checkpoint_experts(path: str) -> int | None:
         return None
 
 
+def _eplb_problems(unit: UnitConfig) -> list[str]:
+    """`field: why` of a unit's `eplb:` section that only make sense beside its other sections."""
+    e, out = unit.eplb, []
+    if not e.enabled:
+        return out
+    if e.poll_s > e.interval_s:
+        out.append(f"poll_s: {e.poll_s} is longer than interval_s {e.interval_s} (the tracker re-plans from its polls)")
+    if e.window_steps is not None and unit.parallel_config() is None:
+        out.append("window_steps: only an expert-parallel unit's window can be set (one process keeps a fixed one)")
+    p = unit.parallel
+    if e.window_steps is not None and p is not None and "load_window_steps" in p.model_fields_set \
+            and p.load_window_steps != e.window_steps:
+        out.append(
+            f"window_steps: {e.window_steps} disagrees with parallel.load_window_steps {p.load_window_steps} "
+            "(one window: set one of them)"
+        )
+    return out
+
+
 def check_config(config: ServeConfig, *, inspect_checkpoint: bool = True) -> list[str]:
     """Layout problems of a validated config, one message each naming the field (empty = deployable)."""
     problems: list[str] = []
@@ -288,6 +378,7 @@ def check_config(config: ServeConfig, *, inspect_checkpoint: bool = True) -> lis
         # Serve's cap on a replica's open calls must hold everything the unit admits (each request
         # holds one call) plus, on the unit that streams tokens, one output stream per ingress
         # replica; below that, Serve queues requests the unit would have answered with a 503
+        problems.extend(f"{name}.eplb.{p}" for p in _eplb_problems(unit))
         admits = unit.engine.max_num_seqs * unit.dp_size + unit.max_waiting_requests
         streams = config.ingress.replicas if label != "prefill" else 0
         if unit.max_ongoing_requests < admits + streams:

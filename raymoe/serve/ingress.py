@@ -5,28 +5,42 @@ Each unit replica holds a request for as long as the ingress's call to it (`deco
 is open; the tokens come back on that replica's one output stream to this ingress replica
 (`stream_outputs`, read by `_pump`) and are demultiplexed into the request's queue.
 
+The edge (`raymoe.serve.edge.EdgeMiddleware` on every route, and the exception handlers) answers
+every client mistake in the OpenAI error shape before any route runs: 401 without a valid API
+key on /v1/*, 413 for a body over `max_request_bytes` (from Content-Length, and counted while
+the body streams in), 415 for a body that is not JSON, 404/405 for unknown routes and methods.
+Parsing, chat templating and tokenization run on a small thread pool, after a prompt-length
+bound that needs no tokenizer, so a large prompt never stalls the event loop (/health included).
+
 No `from __future__ import annotations` here: FastAPI reads the route signatures at run time.
 """
 
 
 import asyncio
+import contextvars
 import logging
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import RayError
+from ray.exceptions import RayError, RayTaskError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from raymoe.engine.config import resolve_max_model_len
 from raymoe.engine.output_processor import IncrementalDetokenizer
 from raymoe.engine.sampling_params import SamplingParams
+from raymoe.serve import edge
 from raymoe.serve.config import ServeConfig
 from raymoe.serve.protocol import (
     SSE_DONE,
@@ -44,6 +58,7 @@ from raymoe.serve.protocol import (
     new_id,
     openai_finish_reason,
     parse_request,
+    request_schemas,
     sse,
     usage,
     usage_chunk,
@@ -52,7 +67,83 @@ from raymoe.serve.server import OutputDelta, TokenChunk, _replica_id
 
 logger = logging.getLogger("ray.serve")
 
-api = FastAPI(title="raymoe", description="OpenAI-compatible API over DeepSeek-V3-style MoE models")
+API_KEY_ENV = "RAYMOE_API_KEY"  # comma-separated keys, read by the ingress replica at start
+_REQUEST_SCHEMAS = request_schemas()
+
+
+class _API(FastAPI):
+    """The app, whose /openapi.json describes the request bodies (the routes read them themselves)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(_REQUEST_SCHEMAS["components"])
+        return self.openapi_schema  # type: ignore[return-value]
+
+
+def _request_body(route: str) -> dict[str, Any]:
+    ref = _REQUEST_SCHEMAS["refs"][route]
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": ref}}}}}
+
+
+api = _API(title="raymoe", description="OpenAI-compatible API over DeepSeek-V3-style MoE models")
+
+
+api.add_middleware(edge.EdgeMiddleware)
+
+
+def _reason_code(status: int) -> str | None:
+    return {404: "not_found", 405: "method_not_allowed"}.get(status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    err = APIError(exc.status_code, message, type=kind, code=_reason_code(exc.status_code), headers=exc.headers)
+    return _error(err)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    loc = [str(x) for x in errors[0]["loc"] if x != "body"] if errors else []
+    msg = "; ".join(f"{'.'.join(str(x) for x in e['loc'] if x != 'body')}: {e['msg']}" for e in errors)
+    return _error(APIError(400, msg or "invalid request", param=".".join(loc) or None))
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return _error(exc)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error(_internal())
+
+
+def _internal() -> APIError:
+    return APIError(500, "internal server error (logged on the server)", type="server_error", code="internal_error")
+
+
+class _ClosingStream(StreamingResponse):
+    """A stream that closes its body however the response ends: a client that cuts the connection
+    mid-write leaves the body suspended at a `yield`, and only closing it runs the request's cleanup
+    (its KV pin released, its held call cancelled) now rather than whenever it is collected."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except TaskCancelledError:  # Serve's word, from `receive`, that the client went away
+            logger.debug("a stream's client went away")
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def _drain(gen: Any) -> None:
@@ -115,6 +206,20 @@ class OpenAIIngress:
         self._background: set[asyncio.Task[None]] = set()
         self.retry_after = str(self.config.ingress.retry_after_s)
         self.metrics = IngressMetrics(self.model_name)
+        ing = self.config.ingress
+        keys = [*ing.api_keys, *(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())]
+        # through the module: this class reaches the replica pickled by value, with copies of its globals
+        edge.LIMITS.api_keys = [k.encode() for k in keys]
+        edge.LIMITS.max_request_bytes = ing.max_request_bytes
+        self.max_json_depth = ing.max_json_depth
+        # parsing, templating and tokenizing: off the event loop, a few at a time
+        self._prep = ThreadPoolExecutor(ing.tokenizer_threads, thread_name_prefix="raymoe-ingress-prep")
+        # no tokenizer needed: a token spans at most this many characters (the longest token's
+        # bytes, x4 for what a normalizer may fold), so a longer text cannot fit max_model_len
+        longest = 1
+        if self.tokenizer is not None:
+            longest = max(len(self.tokenizer.id_to_token(i) or "") for i in range(self.tokenizer.vocab_size))
+        self.max_prompt_chars = self.max_model_len * max(1, longest) * 4
 
     # --- validation ----------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -130,8 +235,24 @@ class OpenAIIngress:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param=param)
+            if len(prompt) > self.max_prompt_chars:  # before tokenizing: cannot fit whatever it encodes to
+                raise APIError(
+                    400,
+                    f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                    f"{len(prompt)} characters, more than that many tokens can hold",
+                    param=param,
+                    code="context_length_exceeded",
+                )
             ids = self.tokenizer.encode(prompt)
         else:
+            if len(prompt) >= self.max_model_len:
+                raise APIError(
+                    400,
+                    f"this model's maximum context length is {self.max_model_len} tokens, the prompt has "
+                    f"{len(prompt)} tokens (at least one must be left to generate)",
+                    param=param,
+                    code="context_length_exceeded",
+                )
             ids = list(prompt)
             vocab = self.model_config.vocab_size
             if any(t < 0 or t >= vocab for t in ids):
@@ -166,23 +287,47 @@ class OpenAIIngress:
         return max((len(s) for s in params.stop_strings), default=1) - 1
 
     # --- generation ----------------------------------------------------------------------------
-    def _translate(self, exc: BaseException) -> APIError | None:
+    def _translate(self, exc: BaseException) -> APIError:
+        """The client's answer to a failure; what only the server needs (replicas, classes) goes to the log.
+
+        A full queue is 503 `overloaded`: the status OpenAI documents for "the engine is currently
+        overloaded, please try again later", where its 429 means the caller's own rate limit or
+        quota (a client would blame its key). Both 503s carry Retry-After, which OpenAI's clients
+        honour when they retry. A failed unit is 503 `unavailable`: Serve is restarting it."""
         from ray.serve.exceptions import BackPressureError
 
+        if isinstance(exc, APIError):
+            return exc
         if isinstance(exc, QueueFullError | BackPressureError):
+            logger.info("request refused, queues full: %s", str(exc).splitlines()[-1][:300])
             return APIError(
                 503,
-                f"the server is at capacity, retry later ({str(exc).splitlines()[-1][:300]})",
-                type="server_overloaded",
+                f"the server is overloaded: every model unit's queue is full; retry after {self.retry_after} s",
+                type="overloaded",
                 code="queue_full",
                 headers={"Retry-After": self.retry_after},
             )
         if isinstance(exc, RequestRejected):
             msg = str(exc).splitlines()[-1]
             return APIError(400, msg.split("RequestRejected: ")[-1], code="request_rejected")
-        return None
+        if isinstance(exc, UnitUnavailable) or (isinstance(exc, RayError) and not isinstance(exc, RayTaskError)):
+            logger.warning("request failed with its model unit: %s", exc)
+            return APIError(
+                503,
+                "the model unit serving this request failed and is restarting; retry shortly",
+                type="unavailable",
+                code="unit_restarting",
+                headers={"Retry-After": self.retry_after},
+            )
+        logger.error("request failed", exc_info=exc)
+        return _internal()
 
     def _release(self, ticket: Any) -> None:
+        """Let the prefill replica drop a handed-off KV. Sent from an empty context: Serve cancels every
+        call a cancelled request made, and the release of a stream the client cut must still arrive."""
+        asyncio.get_running_loop().call_soon(self._send_release, ticket, context=contextvars.Context())
+
+    def _send_release(self, ticket: Any) -> None:
         assert self.prefill is not None
         self.prefill.release.remote(ticket.request_id, replica=ticket.source_replica)
 
@@ -209,7 +354,7 @@ class OpenAIIngress:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error = exc if isinstance(exc, QueueFullError) else UnitUnavailable(f"unit replica {replica}: {exc}")
+            error = UnitUnavailable(f"unit replica {replica}: {exc}")
         finally:
             if self._pumps.get(replica) is asyncio.current_task():
                 del self._pumps[replica]
@@ -283,10 +428,7 @@ class OpenAIIngress:
                 done = last.finished
                 yield TokenChunk(ids, done, last.finish_reason, last.text)
         except Exception as exc:
-            err = self._translate(exc)
-            if err is None:
-                raise
-            raise err from None
+            raise self._translate(exc) from None
         finally:
             if ticket is not None:
                 self._release(ticket)
@@ -402,35 +544,46 @@ class OpenAIIngress:
                 await events.aclose()
                 record()
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _ClosingStream(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # --- request preparation (on the `_prep` threads) ---------------------------------------------
+    async def _prepared(self, fn: Callable[[bytes], Any], request: Request) -> Any:
+        raw = await request.body()  # bounded by the edge
+        return await asyncio.get_running_loop().run_in_executor(self._prep, fn, raw)
+
+    def _prepare_completion(self, raw: bytes) -> tuple[CompletionRequest, list[int], SamplingParams]:
+        req: CompletionRequest = parse_request(raw, CompletionRequest, self.max_json_depth)
+        self._check_model(req.model)
+        prompt = self._token_ids(req.single_prompt(), "prompt")
+        return req, prompt, req.sampling_params(self._max_tokens(req.max_tokens, 16, len(prompt)))
+
+    def _prepare_chat(self, raw: bytes) -> tuple[ChatCompletionRequest, list[int], SamplingParams]:
+        req: ChatCompletionRequest = parse_request(raw, ChatCompletionRequest, self.max_json_depth)
+        self._check_model(req.model)
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer (and no chat template)", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as exc:  # a template error is about these messages
+            raise APIError(400, f"messages cannot be rendered by the chat template: {exc}", param="messages") from None
+        prompt = self._token_ids(rendered, "messages")
+        requested = req.max_completion_tokens or req.max_tokens
+        return req, prompt, req.sampling_params(self._max_tokens(requested, None, len(prompt)))
 
     # --- routes --------------------------------------------------------------------------------
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=_request_body("/v1/completions"))
     async def completions(self, request: Request) -> Response:
         try:
-            req: CompletionRequest = parse_request(await request.body(), CompletionRequest)
-            self._check_model(req.model)
-            prompt = self._token_ids(req.single_prompt(), "prompt")
-            params = req.sampling_params(self._max_tokens(req.max_tokens, 16, len(prompt)))
+            req, prompt, params = await self._prepared(self._prepare_completion, request)
         except APIError as e:
             return _error(e)
         return await self._run("completions", new_id("cmpl"), prompt, params, req, False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=_request_body("/v1/chat/completions"))
     async def chat_completions(self, request: Request) -> Response:
         try:
-            req: ChatCompletionRequest = parse_request(await request.body(), ChatCompletionRequest)
-            self._check_model(req.model)
-            if self.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer (and no chat template)", param="messages")
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            try:
-                rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except Exception as exc:  # a template error is about these messages
-                raise APIError(400, f"messages cannot be rendered by the chat template: {exc}", param="messages") from None
-            prompt = self._token_ids(rendered, "messages")
-            requested = req.max_completion_tokens or req.max_tokens
-            params = req.sampling_params(self._max_tokens(requested, None, len(prompt)))
+            req, prompt, params = await self._prepared(self._prepare_chat, request)
         except APIError as e:
             return _error(e)
         return await self._run("chat", new_id("chatcmpl"), prompt, params, req, True)
@@ -442,6 +595,31 @@ class OpenAIIngress:
     @api.get("/health")
     async def health(self) -> Response:
         return JSONResponse({"status": "ok", "model": self.model_name})
+
+    # --- expert placement (raymoe.serve.experts) -------------------------------------------------
+    def _unit_handles(self) -> dict[str, DeploymentHandle]:
+        if self.prefill is not None:
+            return {"prefill": self.prefill, "decode": self.units}
+        return {"llm": self.units}
+
+    @api.get("/v1/experts")
+    async def experts(self) -> Response:
+        """Each unit replica's placement version, imbalance and migrations, and each tracker's report."""
+        from raymoe.serve.experts import experts_body
+
+        app = serve.get_replica_context().app_name
+        return JSONResponse(await experts_body(app, self._unit_handles()))
+
+    @api.post("/v1/experts/rebalance")
+    async def rebalance(self, request: Request) -> Response:
+        """Re-plan and migrate now (optional JSON `{"role": ...}`), skipping `min_gain`; answers when done."""
+        from raymoe.serve.experts import rebalance_body, rebalance_roles
+
+        try:
+            roles = rebalance_roles(await request.body(), list(self._unit_handles()))
+            return JSONResponse(await rebalance_body(serve.get_replica_context().app_name, roles))
+        except APIError as e:
+            return _error(e)
 
     @api.get("/v1/stats")
     async def stats(self) -> Response:

@@ -45,9 +45,14 @@ def direct_ingress_urls(app_name: str, host: str | None = None) -> list[str]:
 
 
 def run_from_yaml(
-    path: str | Path, *, blocking: bool = True, http_port: int | None = None, direct_ingress: bool = True
+    path: str | Path, *, blocking: bool = True, http_port: int | None = None, direct_ingress: bool = True,
+    num_gpus: int | None = None,
 ) -> Any:
-    """Start Ray (or join RAY_ADDRESS), Serve with the file's HTTP options, and the app."""
+    """Start Ray (or join RAY_ADDRESS), Serve with the file's HTTP options, and the app.
+
+    `num_gpus`: the GPUs the local Ray instance's node declares, real or not: simulated GPUs let the
+    expert-parallel runtime run its units on one CPU machine (workers on CPU, gloo), as
+    `deployments/local-ep.yaml` does. Only for a Ray instance started here."""
     import ray
 
     app_entry, _ = load_serve_yaml(path)
@@ -65,9 +70,11 @@ def run_from_yaml(
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
         owns_ray = address == "local"
+        if num_gpus is not None and not owns_ray:
+            raise ValueError(f"num_gpus: declares a local Ray instance's GPUs, but RAY_ADDRESS={address} joins a cluster")
         if direct_ingress and owns_ray:
             enable_direct_ingress()
-        ray.init(address=address)
+        ray.init(address=address, **({"num_gpus": num_gpus} if num_gpus is not None else {}))
     serve.start(http_options=http, proxy_location=doc.get("proxy_location", "HeadOnly"))
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
     name = app_entry.get("name", "raymoe")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,10 +31,15 @@ from typing import Any, Literal
 from raymoe.engine.llm_engine import LLMEngine
 from raymoe.engine.outputs import KVHandoff, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
+from raymoe.eplb.migration import ExpertHost, MigrationError, MigrationResult
+from raymoe.eplb.placement import Placement
+from raymoe.eplb.tracker import ExpertState, imbalance_of
 from raymoe.executors import build_executor
 from raymoe.serve.config import ServeConfig, UnitConfig
 from raymoe.serve.kv_transport import KVTicket, make_transport
 from raymoe.serve.protocol import QueueFullError, RequestRejected, UnitUnavailable
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -163,6 +169,8 @@ class EngineServer:
         self._step_seconds = 0.0
         self._step_batch = 0
         self._failure: BaseException | None = None  # the unit failed: no more steps, health check fails
+        self._migrations = 0  # expert migrations this replica committed
+        self._start_tracker()
 
     # --- the engine thread ---------------------------------------------------------------------
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -233,6 +241,10 @@ class EngineServer:
                 raise
             for out in outs:
                 st = self._streamed.get(out.request_id)
+                if st is not None and out.error is not None:  # it failed alone: a 400-type error event
+                    logger.info("%s replica %s: request %s failed: %s", self.role, self.replica, out.request_id, out.error)
+                    self._fail_streamed(out.request_id, st, RequestRejected(out.error))
+                    continue
                 if st is not None:
                     urgent = out.finished or not st.started
                     st.started = st.started or bool(out.new_token_ids)
@@ -265,6 +277,7 @@ class EngineServer:
             return
         self._last_publish = now
         self._reap_subscribers(now)
+        self._tick(now)
         s = self._stats
         self.metrics().engine(s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_free)
 
@@ -333,8 +346,10 @@ class EngineServer:
         """End one streamed request with an error delta: `rejected` (the client's fault) or `unavailable`."""
         self._streamed.pop(request_id, None)
         kind: Literal["unavailable", "rejected"] = "rejected" if isinstance(exc, RequestRejected) else "unavailable"
-        msg = f"{self.role} replica {self.replica}: {exc}"
-        st.outbox.push(OutputDelta(request_id, [], True, error=msg, error_kind=kind), urgent=True)
+        if kind == "unavailable":
+            logger.warning("%s replica %s: request %s failed: %r", self.role, self.replica, request_id, exc)
+        # the client sees a rejection's own message; the ingress words an unavailable unit itself
+        st.outbox.push(OutputDelta(request_id, [], True, error=str(exc), error_kind=kind), urgent=True)
         st.done.set()
 
     async def stream_outputs(self, subscriber: str, replica: str = "") -> AsyncIterator[OutputBatch]:
@@ -368,6 +383,9 @@ class EngineServer:
             if box.generation == mine:
                 box.attached = False
                 box.since = time.monotonic()
+
+    def _tick(self, now: float) -> None:
+        """Housekeeping on the metrics timer (every `metrics_interval_s`, idle or not)."""
 
     def _reap_subscribers(self, now: float) -> None:
         """An ingress whose stream has been gone for `subscriber_ttl_s` is not coming back (restarted,
@@ -429,6 +447,96 @@ class EngineServer:
             if exc is not None:
                 raise RuntimeError(f"{self.role} engine loop died: {exc!r}")
 
+    # --- expert placement: the LoadTracker's side of a replica (raymoe.eplb.tracker) --------------
+    def _start_tracker(self) -> None:
+        """Get or create this unit kind's tracker (or end it when `eplb` is off), so a restarted
+        replica finds it and a redeployed app's settings reach it. Never in the way of serving."""
+        from ray import serve
+        from ray.serve.exceptions import RayServeException
+
+        from raymoe.serve.app import ensure_tracker
+
+        try:
+            app = serve.get_replica_context().app_name
+        except RayServeException:  # not in a Serve replica (a test driving a server in-process)
+            return
+        try:
+            ensure_tracker(app, self.role, type(self).__name__, self.unit)
+        except Exception as exc:  # the tracker is optional: log, keep serving
+            logger.error("%s replica %s: load tracker not started: %r", self.role, self.replica, exc)
+
+    def _check_replica(self, replica: str) -> None:
+        if replica and replica != self.replica:
+            raise UnitUnavailable(f"{self.role} replica {replica} is gone (this is {self.replica})")
+
+    def _expert_host(self) -> ExpertHost | None:
+        ex = self.engine.executor
+        return ex if isinstance(ex, ExpertHost) else None
+
+    def _plan_args(self) -> tuple[int, Literal["auto", "global"]]:
+        """(num_groups, mode) `rebalance` re-plans this unit with (what its initial placement used)."""
+        p = self.unit.parallel
+        if p is None or p.shared_expert_gpus:  # one process, or the decode layout (shared expert as a column)
+            return 1, "global"
+        return self.engine.model_config.n_group, "auto" if p.node_limited else "global"
+
+    async def expert_state(self, replica: str = "") -> ExpertState:
+        """This replica's placement and windowed expert load (read on the engine thread)."""
+        self._check_replica(replica)
+        if self._failure is not None:
+            raise self._unavailable()
+        host = self._expert_host()
+        groups, mode = self._plan_args()
+        if host is None:
+            return ExpertState(self.role, self.replica, 0, None, None, 1.0, 0, None, False,
+                               f"{type(self.engine.executor).__name__} records no expert load", groups, mode,
+                               self.unit.load_window_steps())
+
+        def read() -> tuple[Any, ...]:
+            return host.placement, host.expert_load(), host.migration_status()
+
+        placement, load, status = await self._call(read)
+        return ExpertState(
+            role=self.role, replica=self.replica, placement_version=status.placement_version, placement=placement,
+            load=load, imbalance=imbalance_of(placement, load), migrations=self._migrations,
+            last_migration=status.last, staging=status.staging or status.pending_commit, error=status.error,
+            num_groups=groups, plan_mode=mode, window_steps=self.unit.load_window_steps(),
+        )
+
+    async def migrate(self, placement: Placement, replica: str = "") -> MigrationResult:
+        """Move to `placement`: staging starts on the engine thread and runs beside the steps; the next
+        step commits it (or an empty step, `commit_idle`, when the engine has no work). Answers once
+        committed; MigrationError when the unit refuses it or staging failed (the old placement stays)."""
+        self._check_replica(replica)
+        if self._failure is not None:
+            raise self._unavailable()
+        host = self._expert_host()
+        if host is None or host.placement is None:
+            raise MigrationError(f"{self.role} replica {self.replica}: hosts every expert in one process, nothing to move")
+        before = (await self._call(host.migration_status)).placement_version
+        try:
+            await self._call(host.begin_migration, placement)
+        except (ValueError, RuntimeError) as exc:
+            raise MigrationError(f"{self.role} replica {self.replica}: migration refused: {exc}") from None
+        deadline = time.monotonic() + self.unit.eplb.migration_timeout_s
+        while True:
+            status = await self._call(host.migration_status)
+            if not status.staging and not status.pending_commit:
+                break
+            if status.pending_commit and not self.engine.has_unfinished_requests():
+                await self._call(host.commit_idle)  # no step would come: commit with an empty one
+                continue
+            if time.monotonic() > deadline:
+                raise MigrationError(
+                    f"{self.role} replica {self.replica}: migration not committed within "
+                    f"eplb.migration_timeout_s={self.unit.eplb.migration_timeout_s}"
+                )
+            await asyncio.sleep(0.02)
+        if status.placement_version > before and status.last is not None:
+            self._migrations += 1
+            return status.last
+        raise MigrationError(f"{self.role} replica {self.replica}: migration failed: {status.error or 'not committed'}")
+
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self._thread.shutdown(wait=False, cancel_futures=True)
@@ -443,10 +551,12 @@ class PrefillServer(EngineServer):
         self._pinned: dict[str, tuple[KVTicket, float]] = {}  # request id -> (ticket, expiry)
 
     def _pin(self, ticket: KVTicket) -> None:
-        now = time.monotonic()
+        self._pinned[ticket.request_id] = (ticket, time.monotonic() + self.config.kv_ticket_ttl_s)
+
+    def _tick(self, now: float) -> None:
+        """Expire pins on the timer, not only when a new request pins: an idle replica drops them too."""
         for rid in [r for r, (_, exp) in self._pinned.items() if exp < now]:
             del self._pinned[rid]  # decode never picked it up (or the release was lost)
-        self._pinned[ticket.request_id] = (ticket, now + self.config.kv_ticket_ttl_s)
 
     async def release(self, request_id: str, replica: str = "") -> bool:
         """Drop a handed-off request's KV (decode has it, or the request is gone); routed by `replica`."""
@@ -468,6 +578,8 @@ class PrefillServer(EngineServer):
             raise
         self._queues.pop(request_id, None)
         handoff = self._handoffs.pop(request_id, None)
+        if out.error is not None:  # it failed alone (its sampling, its output): the client's 400
+            raise RequestRejected(out.error)
         token = out.new_token_ids[0]
         if out.finish_reason == "prefill":
             assert handoff is not None
