@@ -82,10 +82,10 @@ def test_an_output_processing_failure_fails_only_its_request(
 ) -> None:
     real = OutputProcessor.append_token
 
-    def poisoned(self: OutputProcessor, seq: Any, token: int, logprob: float | None) -> bool:
+    def poisoned(self: OutputProcessor, seq: Any, token: int, logprob: float | None, top: Any = None) -> bool:
         if seq.request_id == "bad":
             raise UnicodeError("injected stop-check failure")
-        return real(self, seq, token, logprob)
+        return real(self, seq, token, logprob, top)
 
     monkeypatch.setattr(OutputProcessor, "append_token", poisoned)
     requests = _good("b")

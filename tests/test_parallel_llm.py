@@ -84,9 +84,18 @@ def test_unit_1x2_matches_single_process(unit_1x2: ExpertParallelExecutor) -> No
 def test_llm_parallel_same_as_single_process(unit_1x2: ExpertParallelExecutor) -> None:
     unit_1x2.shutdown()  # free its GPUs for the LLM's own unit
     params = SamplingParams(max_tokens=6, temperature=0.0)
+    # logits processing crosses to the workers with the step's sampling metadata: one row each
+    processed = [
+        SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=50.0),
+        SamplingParams(max_tokens=6, temperature=0.0, logit_bias={5: 100}),
+        SamplingParams(max_tokens=6, temperature=0.0, frequency_penalty=2.0, presence_penalty=1.0),
+        SamplingParams(max_tokens=6, temperature=0.0, logit_bias={1: 100}, min_tokens=3),
+    ]
     ref = LLM(model=str(default_checkpoint()), kv_cache_tokens=512, block_size=BLOCK)
     want = [o.token_ids for o in ref.generate(PROMPTS, params)]
+    want_processed = [o.token_ids for o in ref.generate(PROMPTS, processed)]
     ref.shutdown()
+    assert want_processed[1] == [5] * 6 and len(want_processed[3]) == 4 and want_processed[3][-1] == 1
     llm = LLM(
         model=str(default_checkpoint()), kv_cache_tokens=512, block_size=BLOCK,
         parallel=ParallelConfig(nodes=1, gpus_per_node=2, overlap=True, replica_choice="static"),
@@ -94,6 +103,7 @@ def test_llm_parallel_same_as_single_process(unit_1x2: ExpertParallelExecutor) -
     try:
         assert llm.engine.dp_size == 2
         got = [o.token_ids for o in llm.generate(PROMPTS, params)]
+        got_processed = [o.token_ids for o in llm.generate(PROMPTS, processed)]
         # disaggregation through the unit: prefill-only, KV out of one DP rank (read_kv), into another (write_kv)
         engine = llm.engine
         prompt = engine.tokenizer.encode(PROMPTS[1])
@@ -110,6 +120,7 @@ def test_llm_parallel_same_as_single_process(unit_1x2: ExpertParallelExecutor) -
     finally:
         llm.shutdown()
     assert got == want
+    assert got_processed == want_processed
     assert [handoff.first_token_id, *tokens] == want[1]
 
 

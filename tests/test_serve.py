@@ -210,7 +210,10 @@ def _ok(server: str) -> None:
         ("/v1/completions", {"model": "tiny-deepseek-v3", "prompt": "hi", "top_p": 0}, "top_p"),
         ("/v1/completions", {"model": "tiny-deepseek-v3", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ("/v1/completions", {"model": "tiny-deepseek-v3", "prompt": "hi", "max_tokens": "many"}, "max_tokens"),
-        ("/v1/completions", {"model": "tiny-deepseek-v3", "prompt": "hi", "n": 2}, "n"),
+        ("/v1/completions", {"model": "tiny-deepseek-v3", "prompt": "hi", "n": 129}, "n"),
+        ("/v1/completions", {"model": "tiny-deepseek-v3", "prompt": ["a"] * 50, "n": 3}, "n"),
+        ("/v1/completions", {"model": "tiny-deepseek-v3", "prompt": ["a", [1, 2]]}, "prompt"),
+        ("/v1/completions", {"model": "tiny-deepseek-v3", "prompt": [[1, 2], [1, 99999]]}, "prompt"),
         ("/v1/completions", {"model": "tiny-deepseek-v3", "prompt": "word " * 3000}, "prompt"),
         ("/v1/completions", {"model": "tiny-deepseek-v3", "prompt": "hi", "max_tokens": 5000}, "max_tokens"),
         ("/v1/completions", {"model": "tiny-deepseek-v3", "prompt": [1, 99999]}, "prompt"),
@@ -227,6 +230,235 @@ def test_bad_requests_get_400_and_server_keeps_serving(server: str, path: str, b
     assert err["type"] == "invalid_request_error" and err["message"]
     assert err["param"] == param
     _ok(server)
+
+
+# Every field vLLM's OpenAI server accepts that raymoe does not honour yet: (route, field, value).
+UNSUPPORTED = [
+    ("completions", "best_of", 3),
+    ("completions", "echo", True),
+    ("completions", "suffix", "!"),
+    ("completions", "response_format", {"type": "json_object"}),
+    ("completions", "guided_json", {"type": "object"}),
+    ("completions", "guided_regex", "[0-9]+"),
+    ("completions", "guided_choice", ["a", "b"]),
+    ("completions", "guided_grammar", "root ::= 'a'"),
+    ("completions", "structured_outputs", {"json": {"type": "object"}}),
+    ("completions", "min_p", 0.1),
+    ("completions", "use_beam_search", True),
+    ("completions", "include_stop_str_in_output", True),
+    ("completions", "skip_special_tokens", False),
+    ("completions", "allowed_token_ids", [1, 2]),
+    ("completions", "bad_words", ["x"]),
+    ("completions", "prompt_logprobs", 1),
+    ("completions", "truncate_prompt_tokens", 4),
+    ("completions", "add_special_tokens", False),
+    ("completions", "priority", 1),
+    ("completions", "request_id", "mine"),
+    ("completions", "return_tokens_as_token_ids", True),
+    ("chat", "tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("chat", "tool_choice", "required"),
+    ("chat", "tool_choice", {"type": "function", "function": {"name": "f"}}),
+    ("chat", "response_format", {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}),
+    ("chat", "echo", True),
+    ("chat", "continue_final_message", True),
+    ("chat", "chat_template", "{{ messages }}"),
+    ("chat", "reasoning_effort", "high"),
+    ("chat", "modalities", ["text", "audio"]),
+    ("chat", "service_tier", "flex"),
+    ("chat", "stream_options", {"include_usage": True, "continuous_usage_stats": True}),
+    ("chat", "messages", [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]}]),
+]
+
+
+@pytest.mark.parametrize(("route", "field", "value"), UNSUPPORTED, ids=[f"{r}-{f}-{v}"[:60] for r, f, v in UNSUPPORTED])
+def test_unsupported_fields_are_refused_by_name(server: str, route: str, field: str, value: Any) -> None:
+    """The official client's request with one unhonoured field: 400 naming it (never a silent 200), then a good one."""
+    import openai
+
+    client = _client(server)
+    kw: dict[str, Any] = {"model": "tiny-deepseek-v3", "max_tokens": 2, "extra_body": {field: value}}
+    with pytest.raises(openai.BadRequestError) as info:
+        if route == "chat":
+            client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw)
+        else:
+            client.completions.create(prompt="hi", **kw)
+    err = info.value.body
+    assert isinstance(err, dict) and err["message"], err
+    expected = {"stream_options": "stream_options.continuous_usage_stats", "messages": "messages.0.tool_calls"}
+    assert err["param"] == expected.get(field, field), err
+    # the defaults and the neutral values ask for nothing: served
+    ok = client.completions.create(
+        model="tiny-deepseek-v3", prompt="hi", max_tokens=2, n=1, best_of=1,
+        extra_body={"response_format": {"type": "text"}, "ignore_eos": True},
+    )
+    assert len(ok.choices) == 1 and ok.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("app", ["disaggregated", "unified"])
+def test_logits_processing_through_the_openai_client(app_urls: dict[str, dict[str, str]], app: str) -> None:
+    """logit_bias, the penalties and min_tokens reach the prefill and the decode side alike."""
+    import openai
+
+    client = _client(app_urls["direct"][app])
+    prompt = "The capital of France is"
+
+    def ids(**kw: Any) -> list[int]:
+        extra = {"return_token_ids": True, "ignore_eos": True, **kw.pop("extra_body", {})}
+        out = client.completions.create(
+            model="tiny-deepseek-v3", prompt=prompt, max_tokens=12, temperature=0, extra_body=extra, **kw
+        )
+        return out.choices[0].model_extra["token_ids"]
+
+    assert ids(logit_bias={"42": 100}) == [42] * 12
+    base = ids()
+    assert len(set(base)) < len(base)  # greedy loops on the tiny model...
+    for kw in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"extra_body": {"repetition_penalty": 100.0}}):
+        got = ids(**kw)
+        assert got != base and len(set(got)) == len(got), (kw, got)  # ...and stops with a penalty
+    # min_tokens holds EOS back: with EOS forced, exactly min_tokens + 1 tokens, the last EOS
+    out = client.completions.create(
+        model="tiny-deepseek-v3", prompt=prompt, max_tokens=12, temperature=0, logit_bias={"1": 100},
+        extra_body={"min_tokens": 5, "return_token_ids": True},
+    )
+    assert out.choices[0].finish_reason == "stop" and len(out.choices[0].model_extra["token_ids"]) == 6
+    for bad in ({"logit_bias": {"99999": 1}}, {"logit_bias": {"x": 1}}, {"logit_bias": {"3": 101}}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="tiny-deepseek-v3", prompt=prompt, max_tokens=2, **bad)
+        assert info.value.body["param"] == "logit_bias"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny-deepseek-v3", prompt=prompt, max_tokens=2, extra_body={"min_tokens": 3})
+    assert info.value.body["param"] == "min_tokens"
+
+
+@pytest.fixture(scope="module")
+def logprob_reference() -> dict[str, Any]:
+    """The single-process engine's own greedy tokens, logprobs and top-3 alternatives for one prompt."""
+    from raymoe import LLM, SamplingParams
+    from raymoe.model.tiny import default_checkpoint
+
+    with LLM(model=default_checkpoint(), max_model_len=512, kv_cache_tokens=1024) as llm:
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3)
+        out = llm.generate(["The capital of France is"], params, use_tqdm=False)[0]
+        tok = llm.engine.tokenizer
+        chat_prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        chat = llm.generate([tok.encode(chat_prompt)], params, use_tqdm=False)[0]
+        def decode(t: int) -> str:  # a piece of a UTF-8 character is spelled token_id:N
+            text = tok.decode([t])
+            return f"token_id:{t}" if "\ufffd" in text else text
+
+        return {"completion": out, "chat": chat, "decode": decode}
+
+
+@pytest.mark.parametrize("app", ["disaggregated", "unified"])
+def test_logprobs_equal_the_engines_through_the_openai_client(
+    app_urls: dict[str, dict[str, str]], app: str, logprob_reference: dict[str, Any]
+) -> None:
+    """completions `logprobs: 3` and chat `logprobs` + `top_logprobs: 3`, plain and streamed."""
+    client = _client(app_urls["direct"][app])
+    ref, decode = logprob_reference["completion"], logprob_reference["decode"]
+    kw: dict[str, Any] = {"model": "tiny-deepseek-v3", "max_tokens": 6, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    got = client.completions.create(prompt="The capital of France is", logprobs=3, **kw).choices[0]
+    lp = got.logprobs
+    assert lp.tokens == [decode(t) for t in ref.token_ids]
+    assert lp.token_logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    for alts, top in zip(lp.top_logprobs, ref.top_logprobs, strict=True):
+        assert list(alts) == [decode(t) for t in top.token_ids]
+        assert list(alts.values()) == pytest.approx(top.logprobs, abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    assert got.text == ref.text
+    streamed = list(client.completions.create(prompt="The capital of France is", logprobs=3, stream=True, **kw))
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in streamed if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert tokens == lp.tokens and offsets == lp.text_offset
+    # chat: logprobs.content, top_logprobs per token
+    chat_ref = logprob_reference["chat"]
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=3, **kw).choices[0]
+    content = chat.logprobs.content
+    assert [c.token for c in content] == [decode(t) for t in chat_ref.token_ids]
+    assert [c.logprob for c in content] == pytest.approx(chat_ref.logprobs, abs=1e-4)
+    assert [[a.logprob for a in c.top_logprobs] for c in content] == [
+        pytest.approx(t.logprobs, abs=1e-4) for t in chat_ref.top_logprobs
+    ]
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    streamed_chat = list(client.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=3, stream=True, **kw))
+    tokens = [t.token for c in streamed_chat if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert tokens == [c.token for c in content]
+    # logprobs without alternatives, and top_logprobs without logprobs (OpenAI's 400)
+    plain = client.chat.completions.create(messages=msgs, logprobs=True, **kw).choices[0]
+    assert all(c.top_logprobs == [] for c in plain.logprobs.content)
+    assert client.completions.create(prompt="hi", **kw).choices[0].logprobs is None
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(messages=msgs, top_logprobs=2, **kw)
+    assert info.value.body["param"] == "top_logprobs"
+
+
+@pytest.mark.parametrize("app", ["disaggregated", "unified"])
+def test_n_samples_and_batched_prompts_through_the_openai_client(app_urls: dict[str, dict[str, str]], app: str) -> None:
+    """n seeded samples: distinct, reproducible, the later ones prefilled from the prefix cache; a batch
+    of prompts: one choice per prompt x n in OpenAI's order; usage counts every completion."""
+    import random
+
+    base = app_urls["direct"][app]
+    client = _client(base)
+    role = "prefill" if app == "disaggregated" else "llm"
+    model = "tiny-deepseek-v3"
+    prompt = [random.randrange(1, 900) for _ in range(49)]  # 3 full blocks of 16, fresh to the prefix cache
+    hits = _stats(base)[role]["prefix_cache_hit_tokens"]
+    kw: dict[str, Any] = {"model": model, "max_tokens": 8, "temperature": 1.0, "seed": 11,
+                          "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+    out = client.completions.create(prompt=prompt, n=3, **kw)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    ids = [c.model_extra["token_ids"] for c in out.choices]
+    assert len({tuple(t) for t in ids}) == 3  # distinct samples
+    assert out.usage.completion_tokens == 24 and out.usage.prompt_tokens == 49
+    assert _stats(base)[role]["prefix_cache_hit_tokens"] - hits >= 2 * 48  # samples 1, 2 reuse sample 0's KV
+    again = client.completions.create(prompt=prompt, n=3, **kw)
+    assert [c.model_extra["token_ids"] for c in again.choices] == ids  # reproducible
+    # sample i is seeded seed + i: sample 1 of seed 11 is sample 0 of seed 12
+    one = client.completions.create(prompt=prompt, **{**kw, "seed": 12})
+    assert one.choices[0].model_extra["token_ids"] == ids[1]
+    streamed: dict[int, list[int]] = {}
+    usage = None
+    for chunk in client.completions.create(prompt=prompt, n=3, stream=True, stream_options={"include_usage": True}, **kw):
+        for c in chunk.choices:
+            streamed.setdefault(c.index, []).extend(c.model_extra["token_ids"])
+        usage = chunk.usage or usage
+    assert [streamed[i] for i in range(3)] == ids and usage is not None and usage.completion_tokens == 24
+
+    # a batch: 3 prompts x n=2, greedy: choice i*n + j is prompt i's
+    texts = ["The capital of France is", "Mixture of experts", "1, 2, 3,"]
+    greedy = {"model": model, "max_tokens": 5, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    single = [client.completions.create(prompt=t, **greedy).choices[0].text for t in texts]
+    batch = client.completions.create(prompt=texts, n=2, **greedy)
+    assert [c.index for c in batch.choices] == list(range(6))
+    assert [c.text for c in batch.choices] == [t for t in single for _ in range(2)]
+    assert batch.usage.completion_tokens == 30
+    assert batch.usage.prompt_tokens == sum(
+        client.completions.create(prompt=t, **greedy).usage.prompt_tokens for t in texts
+    )
+    tokens = client.completions.create(prompt=[[0, 306, 820], [0, 838]], **greedy)
+    assert len(tokens.choices) == 2 and tokens.usage.prompt_tokens == 5
+    stream_texts: dict[int, str] = {}
+    for chunk in client.completions.create(prompt=texts, stream=True, **greedy):
+        for c in chunk.choices:
+            stream_texts[c.index] = stream_texts.get(c.index, "") + c.text
+    assert [stream_texts[i] for i in range(3)] == single
+
+    # chat: n seeded samples, plain and streamed
+    msgs = [{"role": "user", "content": "Tell me a story"}]
+    ckw: dict[str, Any] = {"model": model, "max_tokens": 6, "temperature": 1.0, "seed": 3, "n": 2,
+                           "extra_body": {"ignore_eos": True}}
+    chat = client.chat.completions.create(messages=msgs, **ckw)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 12
+    assert chat.choices[0].message.content != chat.choices[1].message.content
+    parts: dict[int, str] = {}
+    for chunk in client.chat.completions.create(messages=msgs, stream=True, **ckw):
+        for c in chunk.choices:
+            parts[c.index] = parts.get(c.index, "") + (c.delta.content or "")
+    assert [parts[0], parts[1]] == [c.message.content for c in chat.choices]
 
 
 def test_full_queues_get_503_with_retry_after(server: str) -> None:
@@ -292,7 +524,12 @@ def test_client_disconnect_cancels_and_frees_kv(app_urls: dict[str, dict[str, st
 def test_health_models_stats(server: str) -> None:
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
     models = httpx.get(f"{server}/v1/models").json()
-    assert models["data"][0]["id"] == "tiny-deepseek-v3" and models["data"][0]["max_model_len"] == 2048
+    card = models["data"][0]
+    assert card["id"] == "tiny-deepseek-v3" and card["max_model_len"] == 2048 and card["parent"] is None
+    assert Path(card["root"]).name == "tiny-deepseek-v3" and card["object"] == "model"
+    (perm,) = card["permission"]
+    assert perm["object"] == "model_permission" and perm["allow_sampling"] and perm["allow_logprobs"]
+    assert _client(server).models.list().data[0].id == "tiny-deepseek-v3"  # the official client reads it
     s = _stats(server)
     assert s["disaggregated"] and s["prefill"]["role"] == "prefill" and s["decode"]["kv_blocks_total"] == 256
     assert httpx.get(f"{server}/unified/v1/stats").json()["llm"]["role"] == "llm"

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_parse_request_names_the_field() -> None:
     req = parse_request(b'{"model": "m", "prompt": [1, 2, 3], "max_tokens": 4}', CompletionRequest)
-    assert req.single_prompt() == [1, 2, 3]
+    assert req.prompts() == [[1, 2, 3]]
     assert req.sampling_params(4).max_tokens == 4
     with pytest.raises(APIError) as e:
         parse_request(b'{"model": "m", "prompt": "x", "top_p": 1.5}', CompletionRequest)
@@ -24,9 +24,14 @@ def test_parse_request_names_the_field() -> None:
     with pytest.raises(APIError) as e:
         parse_request(b"\xff\xfe", CompletionRequest)
     assert "not valid JSON" in e.value.message
+    batch = parse_request(b'{"model": "m", "prompt": ["a", "b"], "n": 2}', CompletionRequest)
+    assert batch.prompts() == ["a", "b"] and [batch.sample_seed(i) for i in range(2)] == [None, None]
+    assert parse_request(b'{"model": "m", "prompt": [[1], [2, 3]]}', CompletionRequest).prompts() == [[1], [2, 3]]
+    seeded = parse_request(b'{"model": "m", "prompt": "x", "seed": 9223372036854775807, "n": 3}', CompletionRequest)
+    assert [seeded.sample_seed(i) for i in range(3)] == [2**63 - 1, -(2**63), -(2**63) + 1]  # wraps within int64
     with pytest.raises(APIError) as e:
-        parse_request(b'{"model": "m", "prompt": ["a", "b"]}', CompletionRequest).single_prompt()
-    assert e.value.param == "prompt"
+        parse_request(b'{"model": "m", "prompt": ["a", "b"], "n": 100}', CompletionRequest).prompts()
+    assert e.value.param == "n"
     with pytest.raises(APIError) as e:
         parse_request(b'{"model": "m", "prompt": "x", "stop": ["a","b","c","d","e"]}', CompletionRequest)
     assert e.value.param == "stop"

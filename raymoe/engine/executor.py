@@ -19,6 +19,32 @@ import torch
 from raymoe.model.attention import AttentionMetadata
 
 
+@dataclass(slots=True)
+class Penalties:
+    """The penalised rows' token history (built only when a row of the step uses a penalty).
+
+    presence/frequency/repetition: [n] float32 per sampled row (0, 0, 1 for a row without).
+    output_ids/prompt_ids: [n, L] int64, each row's generated / prompt tokens, padded with `vocab`
+    (the sampler counts them into vocab + 1 columns and drops the last); a row without penalties
+    holds only padding.
+    """
+
+    presence: torch.Tensor
+    frequency: torch.Tensor
+    repetition: torch.Tensor
+    output_ids: torch.Tensor
+    prompt_ids: torch.Tensor
+
+
+@dataclass(slots=True)
+class SparseLogits:
+    """(row, token id, value) entries of the step's sampled rows, flat: rows/ids [k] int64, values [k] float32."""
+
+    rows: torch.Tensor
+    ids: torch.Tensor
+    values: torch.Tensor
+
+
 @dataclass
 class SamplingMetadata:
     """Per sampled row: how to draw the next token.
@@ -27,6 +53,8 @@ class SamplingMetadata:
     seeds: per row an int (draw from a generator seeded by (seed, output_index): reproducible and
     independent of batch composition, preemption and KV handoff) or None (the global generator).
     output_indices: per row, how many tokens the request has generated before this one.
+    penalties, logit_bias (added), banned (set to -inf: EOS and stop ids before min_tokens): None
+    when no row of the step uses them, so the common step pays nothing for them.
     """
 
     temperatures: torch.Tensor
@@ -38,6 +66,10 @@ class SamplingMetadata:
     needs_logprobs: bool
     any_top_p: bool
     any_top_k: bool
+    penalties: Penalties | None = None
+    logit_bias: SparseLogits | None = None
+    banned: SparseLogits | None = None
+    top_logprobs: list[int] | None = None  # per row, how many alternatives to return; None: no row asks
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -91,6 +123,15 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float] | None
     errors: dict[int, str] | None = None
+    top: list[TopLogprobs | None] | None = None  # per row, when a row asked for top_logprobs
+
+
+@dataclass(slots=True)
+class TopLogprobs:
+    """One step's most likely tokens for one request, best first, with their raw-model log-probabilities."""
+
+    token_ids: list[int]
+    logprobs: list[float]
 
 
 @runtime_checkable

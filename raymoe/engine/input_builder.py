@@ -10,13 +10,69 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raymoe.engine.executor import ModelInput, SamplingMetadata
+from raymoe.engine.executor import ModelInput, Penalties, SamplingMetadata, SparseLogits
 from raymoe.engine.scheduler import ScheduledBatch
 from raymoe.engine.sequence import Sequence
 
 
-def build_model_input(batch: ScheduledBatch, block_size: int) -> ModelInput:
-    """The flat variable-length batch of one rank: ids, positions, cache slots, block tables, sampling rows."""
+def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), max(width, 1)), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.from_numpy(out)
+
+
+def _penalties(sampled: list[Sequence], vocab: int) -> Penalties | None:
+    """The token history of the rows that use a penalty (padding for the others); None when none does."""
+    if not any(s.params.penalised for s in sampled):
+        return None
+    outs: list[list[int]] = []
+    prompts: list[list[int]] = []
+    for s in sampled:
+        p = s.params
+        outs.append(s.token_ids[s.num_prompt_tokens :] if p.penalised else [])
+        prompts.append(s.token_ids[: s.num_prompt_tokens] if p.repetition_penalty != 1.0 else [])
+    return Penalties(
+        presence=torch.tensor([s.params.presence_penalty for s in sampled], dtype=torch.float32),
+        frequency=torch.tensor([s.params.frequency_penalty for s in sampled], dtype=torch.float32),
+        repetition=torch.tensor([s.params.repetition_penalty for s in sampled], dtype=torch.float32),
+        output_ids=_padded(outs, vocab),
+        prompt_ids=_padded(prompts, vocab),
+    )
+
+
+def _sparse(entries: list[tuple[int, int, float]]) -> SparseLogits | None:
+    if not entries:
+        return None
+    rows, ids, values = zip(*entries, strict=True)
+    return SparseLogits(
+        rows=torch.tensor(rows, dtype=torch.long),
+        ids=torch.tensor(ids, dtype=torch.long),
+        values=torch.tensor(values, dtype=torch.float32),
+    )
+
+
+def _logits_edits(sampled: list[Sequence], eos_token_ids: frozenset[int]) -> tuple[SparseLogits | None, SparseLogits | None]:
+    """logit_bias entries, and the stop tokens banned before min_tokens, of the rows that ask for them."""
+    bias: list[tuple[int, int, float]] = []
+    banned: list[tuple[int, int, float]] = []
+    for row, s in enumerate(sampled):
+        p = s.params
+        if p.logit_bias:
+            bias.extend((row, t, v) for t, v in p.logit_bias.items())
+        if p.min_tokens and s.num_output_tokens < p.min_tokens:
+            stops = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(eos_token_ids))
+            banned.extend((row, t, 0.0) for t in sorted(stops))
+    return _sparse(bias), _sparse(banned)
+
+
+def build_model_input(
+    batch: ScheduledBatch, block_size: int, vocab_size: int, eos_token_ids: frozenset[int]
+) -> ModelInput:
+    """The flat variable-length batch of one rank: ids, positions, cache slots, block tables, sampling rows.
+
+    `vocab_size` pads the penalised rows' token history; `eos_token_ids` are what min_tokens bans."""
     bs = block_size
     ids: list[int] = []
     positions: list[int] = []
@@ -52,6 +108,7 @@ def build_model_input(batch: ScheduledBatch, block_size: int) -> ModelInput:
         params = [s.params for s in sampled]
         temps = [p.temperature for p in params]
         all_greedy = not any(temps)
+        logit_bias, banned = _logits_edits(sampled, eos_token_ids)
         sampling = SamplingMetadata(
             temperatures=torch.tensor(temps, dtype=torch.float32),
             top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32),
@@ -62,6 +119,10 @@ def build_model_input(batch: ScheduledBatch, block_size: int) -> ModelInput:
             needs_logprobs=any(p.logprobs for p in params),
             any_top_p=not all_greedy and any(p.top_p < 1.0 for p in params),
             any_top_k=not all_greedy and any(p.top_k > 0 for p in params),
+            penalties=_penalties(sampled, vocab_size),
+            logit_bias=logit_bias,
+            banned=banned,
+            top_logprobs=[p.top_logprobs for p in params] if any(p.top_logprobs for p in params) else None,
         )
     return ModelInput(
         input_ids=torch.tensor(ids, dtype=torch.long),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from raymoe.engine.config import EngineConfig
+from raymoe.engine.executor import TopLogprobs
 from raymoe.engine.llm_engine import LLMEngine
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.executors import build_executor
@@ -31,6 +32,7 @@ class GenerationOutput:
     text: str | None
     finish_reason: str | None
     logprobs: list[float] | None
+    top_logprobs: list[TopLogprobs | None] | None = None  # per token, with params.top_logprobs
 
 
 class LLM:
@@ -122,6 +124,7 @@ class LLM:
                 ids.append(rid)
             tokens: dict[str, list[int]] = {r: [] for r in ids}
             logprobs: dict[str, list[float]] = {r: [] for r in ids}
+            tops: dict[str, list[TopLogprobs | None]] = {r: [] for r in ids}
             done: dict[str, tuple[str | None, str | None]] = {}
             prompt_ids = {r: list(engine.requests[r].token_ids) for r in ids}
             with tqdm(
@@ -139,6 +142,8 @@ class LLM:
                         tokens[out.request_id].extend(out.new_token_ids)
                         if out.new_logprobs:
                             logprobs[out.request_id].extend(out.new_logprobs)
+                        if out.new_top_logprobs:
+                            tops[out.request_id].extend(out.new_top_logprobs)
                         if out.finished:
                             done[out.request_id] = (out.text, out.finish_reason)
                             bar.update(1)
@@ -155,6 +160,7 @@ class LLM:
                 text=done[rid][0],
                 finish_reason=done[rid][1],
                 logprobs=logprobs[rid] if p.logprobs else None,
+                top_logprobs=tops[rid] if p.top_logprobs else None,
             )
             for rid, prompt, p in zip(ids, prompts, params, strict=True)
         ]

@@ -24,7 +24,7 @@ import torch
 
 from raymoe.engine.block_manager import BlockManager
 from raymoe.engine.config import EngineConfig, resolve_max_model_len
-from raymoe.engine.executor import Executor, ModelInput, SamplerOutput
+from raymoe.engine.executor import Executor, ModelInput, SamplerOutput, TopLogprobs
 from raymoe.engine.input_builder import build_model_input
 from raymoe.engine.model_runner import build_runner
 from raymoe.engine.output_processor import OutputProcessor
@@ -94,6 +94,9 @@ class LLMEngine:
         return ids
 
     def _check_fits(self, request_id: str, seq: Sequence) -> None:
+        vocab = self.model_config.vocab_size
+        if seq.params.logit_bias and max(seq.params.logit_bias) >= vocab:
+            raise ValueError(f"request {request_id!r}: logit_bias token ids must be in [0, {vocab})")
         if seq.num_prompt_tokens >= self.max_model_len:
             raise ValueError(
                 f"request {request_id!r}: prompt has {seq.num_prompt_tokens} tokens, max_model_len is "
@@ -183,7 +186,7 @@ class LLMEngine:
         seq.num_emitted = 1  # the prefill unit reported the first token
         self.requests[request_id] = seq
         seq.dp_rank = self._choose_rank()
-        if self.output.append_token(seq, handoff.first_token_id, handoff.first_logprob):
+        if self.output.append_token(seq, handoff.first_token_id, handoff.first_logprob, handoff.first_top_logprobs):
             seq.status = SequenceStatus.FINISHED
             self._finished_now.append(seq)
             return
@@ -221,7 +224,8 @@ class LLMEngine:
         self.block_managers[seq.dp_rank].free_sequence(seq)
         del self.requests[request_id]
         first_lp = seq.logprobs[0] if seq.logprobs else None
-        return KVHandoff(request_id, seq.token_ids[:n], seq.token_ids[n], first_lp, kv)
+        first_top = seq.top_logprobs[0] if seq.top_logprobs else None
+        return KVHandoff(request_id, seq.token_ids[:n], seq.token_ids[n], first_lp, kv, first_top)
 
     # --- one step ------------------------------------------------------------------------------
     def _write_handoff_kv(self, rank: int, seq: Sequence) -> None:
@@ -258,7 +262,7 @@ class LLMEngine:
                 continue
             for seq in batch.kv_writes:
                 self._write_handoff_kv(rank, seq)
-            inputs.append(build_model_input(batch, self.block_size))
+            inputs.append(build_model_input(batch, self.block_size, self.model_config.vocab_size, self.output.eos_token_ids))
         results = self.executor.execute(inputs)
         for rank, (batch, result) in enumerate(zip(batches, results, strict=True)):
             if batch is not None:
@@ -273,6 +277,7 @@ class LLMEngine:
         k = 0
         tokens = result.token_ids if result is not None else []
         lps = result.logprobs if result is not None else None
+        tops = result.top if result is not None else None
         errors = result.errors if result is not None and result.errors else {}
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.num_computed_tokens < seq.num_prompt_tokens:
@@ -288,15 +293,18 @@ class LLMEngine:
                 outputs.append(self._fail(rank, seq, errors[row]))
                 continue
             try:
-                outputs.append(self._append(rank, seq, tokens[row], lps[row] if lps is not None else None))
+                lp = lps[row] if lps is not None else None
+                outputs.append(self._append(rank, seq, tokens[row], lp, tops[row] if tops is not None else None))
             except Exception as exc:  # its stop check or its text: this request's own failure
                 outputs.append(self._fail(rank, seq, f"output processing failed: {exc}"))
         return outputs
 
-    def _append(self, rank: int, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+    def _append(
+        self, rank: int, seq: Sequence, token: int, logprob: float | None, top: TopLogprobs | None
+    ) -> RequestOutput:
         """One sampled token into its request: the request's news, finished when the token ends it."""
         proc = self.output
-        done = proc.append_token(seq, token, logprob)
+        done = proc.append_token(seq, token, logprob, top)
         self.generation_tokens += 1
         if not done and not seq.prefill_only:
             return proc.new_tokens(seq)

@@ -7,6 +7,7 @@ the same text, used wherever tokens are shown as they arrive (the serving ingres
 
 from __future__ import annotations
 
+from raymoe.engine.executor import TopLogprobs
 from raymoe.engine.outputs import RequestOutput
 from raymoe.engine.sequence import Sequence
 from raymoe.model.tokenizer import Tokenizer
@@ -74,12 +75,16 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
 
-    def append_token(self, seq: Sequence, token: int, logprob: float | None) -> bool:
+    def append_token(
+        self, seq: Sequence, token: int, logprob: float | None, top: TopLogprobs | None = None
+    ) -> bool:
         """Add a generated token; True when it ends the request (finish_reason set)."""
         seq.token_ids.append(token)
         p = seq.params
         if p.logprobs and logprob is not None:
             seq.logprobs.append(logprob)
+        if p.top_logprobs:
+            seq.top_logprobs.append(top)
         if not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
         elif token in p.stop_token_ids:  # type: ignore[operator]
@@ -115,7 +120,10 @@ class OutputProcessor:
         new = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted :]
         seq.num_emitted += len(new)
         lps = seq.logprobs[-len(new) :] if seq.params.logprobs and seq.logprobs else None
-        return RequestOutput(seq.request_id, new, lps, False, None, seq.num_prompt_tokens)
+        out = RequestOutput(seq.request_id, new, lps, False, None, seq.num_prompt_tokens)
+        if seq.params.top_logprobs and new:
+            out.new_top_logprobs = seq.top_logprobs[-len(new) :]
+        return out
 
     def finish(self, seq: Sequence) -> RequestOutput:
         """The last report of a request: its unreported tokens, why it ended and its whole text."""
@@ -126,4 +134,7 @@ class OutputProcessor:
         new = seq.output_token_ids[seq.num_emitted :]
         lps = seq.logprobs[len(seq.logprobs) - len(new) :] if seq.params.logprobs and seq.logprobs else None
         seq.num_emitted = seq.num_output_tokens
-        return RequestOutput(seq.request_id, new, lps, True, seq.finish_reason, seq.num_prompt_tokens, text)
+        out = RequestOutput(seq.request_id, new, lps, True, seq.finish_reason, seq.num_prompt_tokens, text)
+        if seq.params.top_logprobs and new:
+            out.new_top_logprobs = seq.top_logprobs[len(seq.top_logprobs) - len(new) :]
+        return out

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from raymoe.engine.executor import TopLogprobs
+
 
 @dataclass(slots=True)
 class RequestOutput:
@@ -19,6 +21,7 @@ class RequestOutput:
     prompt_len: int
     text: str | None = None  # the whole output text, once finished (None without a tokenizer)
     error: str | None = None  # the request failed alone (finish_reason "error"): why, for its client
+    new_top_logprobs: list[TopLogprobs | None] | None = None  # per new token, with params.top_logprobs
 
 
 @dataclass(slots=True)
@@ -30,6 +33,7 @@ class KVHandoff:
     first_token_id: int
     first_logprob: float | None
     kv: torch.Tensor  # [num_layers, prompt_len, kv_lora_rank + qk_rope_head_dim], CPU
+    first_top_logprobs: TopLogprobs | None = None
 
     @property
     def prompt_len(self) -> int:

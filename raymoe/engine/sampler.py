@@ -1,4 +1,8 @@
-"""Vectorised next-token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+"""Vectorised next-token sampling: logits processing, greedy, temperature, top-k, top-p, per-request seeds.
+
+Logits processing (vLLM's order and semantics: penalties, then logit_bias, then the min_tokens ban)
+runs only when a row of the step uses it, as a few batched tensor ops over the whole step; a step
+without it goes straight to the argmax (greedy) or the race. Logprobs stay the raw model's.
 
 Random rows use the exponential-race form (argmax of p / E with E ~ Exp(1) is a draw from p), so
 one batched kernel serves every row; a seeded row only fills its own E from its own generator.
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from raymoe.engine.executor import SamplerOutput, SamplingMetadata
+from raymoe.engine.executor import Penalties, SamplerOutput, SamplingMetadata, SparseLogits, TopLogprobs
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -43,6 +47,61 @@ def apply_top_k_top_p(
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    """Repetition over prompt + output tokens, frequency and presence over output tokens (vLLM's)."""
+    n, vocab = logits.shape
+    device = logits.device
+    out_ids = p.output_ids.to(device, non_blocking=True)
+    counts = torch.zeros(n, vocab + 1, device=device, dtype=logits.dtype)
+    counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=logits.dtype))
+    counts = counts[:, :vocab]
+    seen = torch.zeros(n, vocab + 1, device=device, dtype=torch.bool)
+    seen.scatter_(1, p.prompt_ids.to(device, non_blocking=True), True)
+    seen = seen[:, :vocab] | (counts > 0)
+    rep = p.repetition.to(device, non_blocking=True).unsqueeze(1)
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - p.frequency.to(device, non_blocking=True).unsqueeze(1) * counts
+    return logits - p.presence.to(device, non_blocking=True).unsqueeze(1) * (counts > 0).to(logits.dtype)
+
+
+def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """The step's logits after penalties, logit_bias and the min_tokens ban (the same tensor when none is used)."""
+    if md.penalties is not None:
+        logits = apply_penalties(logits, md.penalties)
+    if md.logit_bias is not None:
+        b = md.logit_bias
+        device = logits.device
+        logits = logits.index_put(
+            (b.rows.to(device), b.ids.to(device)), b.values.to(device, logits.dtype), accumulate=True
+        )
+    if md.banned is not None:
+        device = logits.device
+        logits = logits.index_put(
+            (md.banned.rows.to(device), md.banned.ids.to(device)), torch.tensor(float("-inf"), device=device)
+        )
+    return logits
+
+
+def _sparse_row(sp: SparseLogits | None, row: int) -> SparseLogits | None:
+    if sp is None:
+        return None
+    keep = sp.rows == row
+    if not bool(keep.any()):
+        return None
+    return SparseLogits(rows=torch.zeros_like(sp.rows[keep]), ids=sp.ids[keep], values=sp.values[keep])
+
+
+def _penalties_row(p: Penalties | None, row: int) -> Penalties | None:
+    if p is None:
+        return None
+    r = slice(row, row + 1)
+    return Penalties(
+        presence=p.presence[r], frequency=p.frequency[r], repetition=p.repetition[r],
+        output_ids=p.output_ids[r], prompt_ids=p.prompt_ids[r],
+    )
+
+
 def _row(md: SamplingMetadata, row: int) -> SamplingMetadata:
     """The metadata of one row alone (for the row-by-row retry)."""
     temps = md.temperatures[row : row + 1]
@@ -57,6 +116,10 @@ def _row(md: SamplingMetadata, row: int) -> SamplingMetadata:
         needs_logprobs=md.needs_logprobs,
         any_top_p=md.any_top_p and not greedy,
         any_top_k=md.any_top_k and not greedy,
+        penalties=_penalties_row(md.penalties, row),
+        logit_bias=_sparse_row(md.logit_bias, row),
+        banned=_sparse_row(md.banned, row),
+        top_logprobs=md.top_logprobs[row : row + 1] if md.top_logprobs is not None else None,
     )
 
 
@@ -76,6 +139,7 @@ class Sampler:
             pass  # sampled again row by row below: which rows fail alone?
         tokens: list[int] = []
         logprobs: list[float] | None = [] if md.needs_logprobs else None
+        top: list[TopLogprobs | None] | None = [] if md.top_logprobs is not None else None
         errors: dict[int, str] = {}
         for row in range(len(md)):
             try:
@@ -83,15 +147,20 @@ class Sampler:
                 tokens.append(out.token_ids[0])
                 if logprobs is not None:
                     logprobs.append(out.logprobs[0] if out.logprobs else 0.0)
+                if top is not None:
+                    top.append(out.top[0] if out.top else None)
             except Exception as exc:
                 errors[row] = f"sampling failed: {exc}"
                 tokens.append(-1)
                 if logprobs is not None:
                     logprobs.append(0.0)
+                if top is not None:
+                    top.append(None)
         _check_device(logits.device)
-        return SamplerOutput(tokens, logprobs, errors or None)
+        return SamplerOutput(tokens, logprobs, errors or None, top)
 
-    def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+    def _sample(self, raw: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        logits = process_logits(raw, md)
         greedy_tokens = logits.argmax(dim=-1)
         if md.all_greedy:
             tokens = greedy_tokens
@@ -114,7 +183,14 @@ class Sampler:
             sampled = (probs / race).argmax(dim=-1)
             tokens = torch.where(greedy, greedy_tokens, sampled)
         logprobs = None
+        top: list[TopLogprobs | None] | None = None
         if md.needs_logprobs:
-            lp = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-            logprobs = lp.tolist()
-        return SamplerOutput(tokens.tolist(), logprobs)
+            log_probs = torch.log_softmax(raw, dim=-1)
+            logprobs = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+            if md.top_logprobs is not None:  # one top-k for the step, at the largest k asked
+                values, ids = log_probs.topk(min(max(md.top_logprobs), raw.shape[-1]), dim=-1)
+                rows_v, rows_i = values.tolist(), ids.tolist()
+                top = [
+                    TopLogprobs(rows_i[r][:k], rows_v[r][:k]) if k else None for r, k in enumerate(md.top_logprobs)
+                ]
+        return SamplerOutput(tokens.tolist(), logprobs, None, top)

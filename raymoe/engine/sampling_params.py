@@ -10,6 +10,8 @@ INT64_MIN = -(1 << 63)
 MAX_STOP_STRINGS = 16  # the OpenAI edge allows 4; more is the offline API's
 MAX_STOP_STRING_CHARS = 1024  # each step decodes a window of this many tokens per request
 MAX_STOP_TOKEN_IDS = 1024  # checked per generated token
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's bound)
+MAX_LOGIT_BIAS = 1024  # entries per request: each becomes one element of the step's bias tensor
 
 
 def _is_int(v: object) -> bool:
@@ -28,7 +30,15 @@ class SamplingParams:
     request's draws reproducible whatever else is in the batch. stop strings end the output before
     the match (the matched text is not returned); stop_token_ids and the model's EOS end it after
     the token (EOS unless ignore_eos). logprobs=True returns the log-probability, under the model's
-    raw distribution, of every generated token.
+    raw distribution, of every generated token; top_logprobs > 0 (with logprobs) also the most
+    likely `top_logprobs` tokens of each step and their log-probabilities.
+
+    Logits processing (vLLM's semantics, applied in the sampler before temperature, greedy too):
+    repetition_penalty (1 off) divides a positive logit and multiplies a negative one of every
+    token seen in the prompt or the output; frequency_penalty subtracts its value times the
+    token's count in the output, presence_penalty its value once for a token in the output;
+    logit_bias adds to the named token ids' logits (OpenAI's [-100, 100]); min_tokens keeps EOS
+    and stop_token_ids from being drawn before that many tokens are generated.
 
     Every value fits the tensor it becomes (int64, finite float32), so nothing a request carries
     can fail a batch: the engine checks again (`validate`) when it admits a request, since a
@@ -44,6 +54,12 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +100,29 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if not isinstance(self.logprobs, bool):
             raise ValueError(f"logprobs must be a bool, got {self.logprobs!r}")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+            setattr(self, name, float(v))
+        rp = self.repetition_penalty
+        if not _is_number(rp) or not 0 < rp <= 1e6:
+            raise ValueError(f"repetition_penalty must be in (0, 1e6], got {rp!r}")
+        self.repetition_penalty = float(rp)
+        bias = self.logit_bias if self.logit_bias is not None else {}
+        if not isinstance(bias, dict) or not all(
+            _is_int(k) and 0 <= k <= INT64_MAX and _is_number(v) and -100 <= v <= 100 for k, v in bias.items()
+        ):
+            raise ValueError(f"logit_bias must map token ids to numbers in [-100, 100], got {self.logit_bias!r}")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+        self.logit_bias = {k: float(v) for k, v in bias.items()} or None
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
         if self.top_k == 0:
@@ -92,3 +131,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the sampler needs this request's token counts (any penalty is on)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0

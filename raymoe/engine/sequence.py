@@ -6,6 +6,7 @@ import enum
 
 import torch
 
+from raymoe.engine.executor import TopLogprobs
 from raymoe.engine.sampling_params import SamplingParams
 
 
@@ -35,6 +36,7 @@ class Sequence:
         "num_hashed_blocks",
         "block_hashes",
         "logprobs",
+        "top_logprobs",
         "finish_reason",
         "dp_rank",
         "prefill_only",
@@ -67,6 +69,7 @@ class Sequence:
         self.num_hashed_blocks = 0
         self.block_hashes: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[TopLogprobs | None] = []  # per generated token, with params.top_logprobs
         self.finish_reason: str | None = None
         self.dp_rank = 0
         self.prefill_only = prefill_only

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from raymoe.engine.config import resolve_max_model_len
+from raymoe.engine.executor import TopLogprobs
 from raymoe.engine.output_processor import IncrementalDetokenizer
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.serve import edge
@@ -49,16 +50,20 @@ from raymoe.serve.protocol import (
     CompletionRequest,
     QueueFullError,
     RequestRejected,
+    TokenLogprob,
     UnitUnavailable,
-    chat_body,
+    chat_choice,
     chat_chunk,
-    completion_body,
+    chat_logprobs,
+    completion_choice,
     completion_chunk,
+    completion_logprobs,
     models_body,
     new_id,
     openai_finish_reason,
     parse_request,
     request_schemas,
+    response_body,
     sse,
     usage,
     usage_chunk,
@@ -172,6 +177,35 @@ class _Progress:
     status: str = "ok"  # the metrics' status label: ok, an HTTP status, cancelled
 
 
+@dataclass(slots=True)
+class _Sample:
+    """One choice to generate: its index in the response, which sample of its prompt, the prompt, its parameters."""
+
+    index: int
+    sample: int
+    prompt: list[int]
+    params: SamplingParams
+
+
+@dataclass(slots=True)
+class _Choice:
+    """One choice of a response being generated: its engine request's events and progress."""
+
+    index: int
+    sample: int
+    prompt: list[int]
+    params: SamplingParams
+    events: AsyncIterator[TokenChunk]
+    first: TokenChunk | None = None
+    t_first: float = 0.0
+    state: _Progress = field(default_factory=lambda: _Progress(t_last=0.0))
+
+    async def begin(self) -> None:
+        """Wait for the first chunk (the prompt prefilled, the first token out)."""
+        self.first = await self.events.__anext__()  # type: ignore[attr-defined]
+        self.t_first = self.state.t_last = time.perf_counter()
+
+
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(
@@ -283,6 +317,32 @@ class OpenAIIngress:
             )
         return requested
 
+    def _check_vocab(self, params: SamplingParams) -> SamplingParams:
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise APIError(400, f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        return params
+
+    def _token_text(self, token: int) -> str:
+        """A token's text for logprobs; `token_id:N` (vLLM's spelling) when it is not text alone (a
+        piece of a UTF-8 character), so that distinct alternatives keep distinct keys."""
+        if self.tokenizer is None:
+            return f"<{token}>"
+        text = self.tokenizer.decode([token])
+        return f"token_id:{token}" if "\ufffd" in text else text
+
+    def _token_logprobs(self, chunk: TokenChunk) -> list[TokenLogprob]:
+        """The chunk's tokens for a response's logprobs (the alternatives' texts decoded one by one)."""
+        lps = chunk.logprobs or []
+        tops = chunk.top_logprobs or [None] * len(lps)
+        return [
+            TokenLogprob(
+                self._token_text(t), lp,
+                [(self._token_text(i), v) for i, v in zip(top.token_ids, top.logprobs, strict=True)] if top else [],
+            )
+            for t, lp, top in zip(chunk.token_ids, lps, tops, strict=True)
+        ]
+
     def _hold(self, params: SamplingParams) -> int:
         return max((len(s) for s in params.stop_strings), default=1) - 1
 
@@ -388,7 +448,11 @@ class OpenAIIngress:
                 except asyncio.CancelledError:
                     resp.cancel()
                     raise
-                first = TokenChunk([res.first_token_id], res.finished, res.finish_reason, res.text)
+                first = TokenChunk(
+                    [res.first_token_id], res.finished, res.finish_reason, res.text,
+                    logprobs=[res.first_logprob] if res.first_logprob is not None else None,
+                    top_logprobs=[res.first_top_logprobs] if params.top_logprobs else None,
+                )
                 if res.finished:
                     done = True
                     yield first
@@ -415,6 +479,8 @@ class OpenAIIngress:
                     self._release(ticket)
                     ticket = None
                 ids: list[int] = []
+                lps: list[float] = []
+                tops: list[TopLogprobs | None] = []
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
@@ -423,10 +489,12 @@ class OpenAIIngress:
                     if item.error_kind == "rejected":
                         raise RequestRejected(item.error or "the engine refused the request")
                     ids.extend(item.token_ids)
+                    lps.extend(item.logprobs or ())
+                    tops.extend(item.top_logprobs or ())
                 last = items[-1]
                 assert not isinstance(last, BaseException)
                 done = last.finished
-                yield TokenChunk(ids, done, last.finish_reason, last.text)
+                yield TokenChunk(ids, done, last.finish_reason, last.text, lps or None, tops or None)
         except Exception as exc:
             raise self._translate(exc) from None
         finally:
@@ -442,40 +510,73 @@ class OpenAIIngress:
                 else:
                     held.cancel()  # the client went away: the replica aborts the request, KV freed
 
-    async def _run(
-        self,
-        endpoint: str,
-        rid: str,
-        prompt: list[int],
-        params: SamplingParams,
-        req: Any,
-        chat: bool,
-    ) -> Response:
+    async def _start(self, choices: list[_Choice]) -> None:
+        """Each choice's first chunk (its prefill done); errors before it keep their HTTP status.
+
+        Sample 0 of every prompt first, then the other samples: those find the prompt's KV in the
+        prefix cache instead of prefilling it again."""
+        for wave in ([c for c in choices if c.sample == 0], [c for c in choices if c.sample > 0]):
+            if len(wave) == 1:
+                await wave[0].begin()
+            elif wave:
+                # each in an empty context, like `_release`: concurrent child calls made from tasks that
+                # share the HTTP request's Serve context were seen to never reach their replica (only
+                # the first did). The choices' own cleanup cancels their calls, as for one choice.
+                loop = asyncio.get_running_loop()
+                tasks = [loop.create_task(c.begin(), context=contextvars.Context()) for c in wave]
+                try:
+                    await asyncio.gather(*tasks)
+                except BaseException:
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    raise
+
+    async def _run(self, endpoint: str, rid: str, samples: list[_Sample], req: Any, chat: bool) -> Response:
         stream, want_ids = req.stream, req.return_token_ids
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         t0 = time.perf_counter()
-        events = self._events(rid, prompt, params)
+        choices = [
+            _Choice(s.index, s.sample, s.prompt, s.params, self._events(f"{rid}-{s.index}" if len(samples) > 1 else rid,
+                                                                          s.prompt, s.params))
+            for s in samples
+        ]
+        prompt_tokens = sum(len(c.prompt) for c in choices if c.sample == 0)
+
+        def usage_now() -> dict[str, int]:
+            return usage(prompt_tokens, sum(c.state.tokens for c in choices))
+
+        def record(status: str | None = None) -> None:
+            for c in choices:
+                n = c.state.tokens
+                ttft = c.t_first - t0 if c.first is not None else None
+                tpot = (c.state.t_last - c.t_first) / (n - 1) if n > 1 else None
+                self.metrics.finished(
+                    endpoint, status or c.state.status, len(c.prompt), n, ttft, tpot, time.perf_counter() - t0
+                )
+
+        async def close() -> None:
+            for c in choices:
+                await c.events.aclose()
+
         try:
-            first = await events.__anext__()  # errors before the first token keep their HTTP status
+            await self._start(choices)
         except APIError as e:
-            await events.aclose()
-            self.metrics.finished(endpoint, str(e.status), len(prompt), 0, None, None, time.perf_counter() - t0)
+            await close()
+            record(str(e.status))
             return _error(e)
-        t_first = time.perf_counter()
+        except BaseException:
+            await close()
+            record("cancelled")
+            raise
         created = int(time.time())
-        detok = IncrementalDetokenizer(self.tokenizer, self._hold(params)) if self.tokenizer is not None else None
-        state = _Progress(t_last=t_first)
 
-        def record() -> None:
-            n = state.tokens
-            tpot = (state.t_last - t_first) / (n - 1) if n > 1 else None
-            self.metrics.finished(endpoint, state.status, len(prompt), n, t_first - t0, tpot, time.perf_counter() - t0)
-
-        async def chunks() -> AsyncIterator[tuple[str, TokenChunk]]:
-            chunk: TokenChunk | None = first
+        async def chunks(c: _Choice) -> AsyncIterator[tuple[str, TokenChunk, list[TokenLogprob]]]:
+            detok = IncrementalDetokenizer(self.tokenizer, self._hold(c.params)) if self.tokenizer is not None else None
+            chunk: TokenChunk | None = c.first
             while chunk is not None:
-                state.tokens += len(chunk.token_ids)
-                state.t_last = time.perf_counter()
+                c.state.tokens += len(chunk.token_ids)
+                c.state.t_last = time.perf_counter()
                 if detok is None:
                     text = "".join(f"<{t}>" for t in chunk.token_ids)
                 elif chunk.finished:
@@ -484,64 +585,113 @@ class OpenAIIngress:
                 else:
                     text = detok.push(chunk.token_ids)
                 if chunk.finished:
-                    state.reason = openai_finish_reason(chunk.finish_reason)
-                yield text, chunk
+                    c.state.reason = openai_finish_reason(chunk.finish_reason)
+                yield text, chunk, self._token_logprobs(chunk) if c.params.logprobs else []
                 if chunk.finished:
                     return
-                chunk = await events.__anext__()
+                chunk = await c.events.__anext__()
+
+        def fail(status: str) -> None:
+            for c in choices:
+                c.state.status = status
 
         if not stream:
-            parts: list[str] = []
-            ids: list[int] = []
-            try:
-                async for text, chunk in chunks():
+
+            async def collect(c: _Choice) -> dict[str, Any]:
+                parts: list[str] = []
+                ids: list[int] = []
+                token_lps: list[TokenLogprob] = []
+                async for text, chunk, lps in chunks(c):
                     parts.append(text)
                     ids.extend(chunk.token_ids)
+                    token_lps.extend(lps)
+                logprobs = None
+                if c.params.logprobs:
+                    logprobs = chat_logprobs(token_lps) if chat else completion_logprobs(token_lps, 0)
+                build = chat_choice if chat else completion_choice
+                out = build(c.index, "".join(parts), c.state.reason, logprobs)
+                if want_ids:
+                    out["token_ids"] = ids
+                    if not chat and len(samples) > req.n:  # a batch: each choice names its prompt
+                        out["prompt_token_ids"] = c.prompt
+                return out
+
+            tasks = [asyncio.ensure_future(collect(c)) for c in choices]
+            try:
+                bodies = await asyncio.gather(*tasks)
             except APIError as e:
-                state.status = str(e.status)
+                fail(str(e.status))
                 return _error(e)
             except BaseException:
-                state.status = "cancelled"
+                fail("cancelled")
                 raise
             finally:
-                await events.aclose()
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await close()
                 record()
-            use = usage(len(prompt), state.tokens)
-            build = chat_body if chat else completion_body
-            out = build(rid, self.model_name, "".join(parts), state.reason, use, created)
-            if want_ids:
-                out["choices"][0]["token_ids"] = ids
-                out["prompt_token_ids"] = prompt
+            out = response_body(rid, self.model_name, chat, bodies, usage_now(), created)
+            if want_ids and len(samples) == req.n:
+                out["prompt_token_ids"] = choices[0].prompt
             return JSONResponse(out)
 
-        async def body() -> AsyncIterator[str]:
+        async def pump(c: _Choice, q: asyncio.Queue[str | BaseException | None]) -> None:
+            """One choice's events as SSE lines into the response's queue (None: it finished)."""
             try:
                 if chat:
-                    yield sse(chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}, None, created))
-                async for text, chunk in chunks():
-                    reason = state.reason if chunk.finished else None
-                    if not text and reason is None and not want_ids:
+                    q.put_nowait(sse(chat_chunk(rid, self.model_name, c.index, {"role": "assistant", "content": ""},
+                                                None, created)))
+                offset = 0  # text_offset of the next token
+                async for text, chunk, lps in chunks(c):
+                    reason = c.state.reason if chunk.finished else None
+                    if not text and reason is None and not want_ids and not lps:
                         continue
+                    logprobs = None
+                    if lps:
+                        logprobs = chat_logprobs(lps) if chat else completion_logprobs(lps, offset)
+                        offset += sum(len(t.token) for t in lps)
                     if chat:
-                        obj = chat_chunk(rid, self.model_name, {"content": text} if text else {}, reason, created)
+                        delta = {"content": text} if text else {}
+                        obj = chat_chunk(rid, self.model_name, c.index, delta, reason, created, logprobs)
                     else:
-                        obj = completion_chunk(rid, self.model_name, text, reason, created)
+                        obj = completion_chunk(rid, self.model_name, c.index, text, reason, created, logprobs)
                     if want_ids:
                         obj["choices"][0]["token_ids"] = chunk.token_ids
-                    yield sse(obj)
+                    q.put_nowait(sse(obj))
+                q.put_nowait(None)
+            except Exception as exc:  # the body raises it: an APIError becomes the stream's error event
+                q.put_nowait(exc)
+
+        async def body() -> AsyncIterator[str]:
+            q: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+            tasks = [asyncio.ensure_future(pump(c, q)) for c in choices]
+            try:
+                running = len(tasks)
+                while running:
+                    item = await q.get()
+                    if item is None:
+                        running -= 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        yield item
                 if include_usage:
                     obj = "chat.completion.chunk" if chat else "text_completion"
-                    yield sse(usage_chunk(rid, self.model_name, obj, usage(len(prompt), state.tokens), created))
+                    yield sse(usage_chunk(rid, self.model_name, obj, usage_now(), created))
                 yield SSE_DONE
             except APIError as e:
-                state.status = str(e.status)
+                fail(str(e.status))
                 yield sse(e.body())
                 yield SSE_DONE
             except BaseException:
-                state.status = "cancelled"
+                fail("cancelled")
                 raise
             finally:
-                await events.aclose()
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await close()
                 record()
 
         return _ClosingStream(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -551,13 +701,25 @@ class OpenAIIngress:
         raw = await request.body()  # bounded by the edge
         return await asyncio.get_running_loop().run_in_executor(self._prep, fn, raw)
 
-    def _prepare_completion(self, raw: bytes) -> tuple[CompletionRequest, list[int], SamplingParams]:
+    def _samples(self, req: Any, first: int, prompt: list[int], params: SamplingParams) -> list[_Sample]:
+        """The n samples of one prompt, choice indices first.. (OpenAI's: prompt i's samples are i*n..i*n+n-1)."""
+        self._check_vocab(params)
+        return [
+            _Sample(first + j, j, prompt, params if j == 0 else replace(params, seed=req.sample_seed(j)))
+            for j in range(req.n)
+        ]
+
+    def _prepare_completion(self, raw: bytes) -> tuple[CompletionRequest, list[_Sample]]:
         req: CompletionRequest = parse_request(raw, CompletionRequest, self.max_json_depth)
         self._check_model(req.model)
-        prompt = self._token_ids(req.single_prompt(), "prompt")
-        return req, prompt, req.sampling_params(self._max_tokens(req.max_tokens, 16, len(prompt)))
+        samples: list[_Sample] = []
+        for i, text in enumerate(req.prompts()):
+            prompt = self._token_ids(text, "prompt")
+            params = req.sampling_params(self._max_tokens(req.max_tokens, 16, len(prompt)))
+            samples += self._samples(req, i * req.n, prompt, params)
+        return req, samples
 
-    def _prepare_chat(self, raw: bytes) -> tuple[ChatCompletionRequest, list[int], SamplingParams]:
+    def _prepare_chat(self, raw: bytes) -> tuple[ChatCompletionRequest, list[_Sample]]:
         req: ChatCompletionRequest = parse_request(raw, ChatCompletionRequest, self.max_json_depth)
         self._check_model(req.model)
         if self.tokenizer is None:
@@ -569,28 +731,28 @@ class OpenAIIngress:
             raise APIError(400, f"messages cannot be rendered by the chat template: {exc}", param="messages") from None
         prompt = self._token_ids(rendered, "messages")
         requested = req.max_completion_tokens or req.max_tokens
-        return req, prompt, req.sampling_params(self._max_tokens(requested, None, len(prompt)))
+        return req, self._samples(req, 0, prompt, req.sampling_params(self._max_tokens(requested, None, len(prompt))))
 
     # --- routes --------------------------------------------------------------------------------
     @api.post("/v1/completions", openapi_extra=_request_body("/v1/completions"))
     async def completions(self, request: Request) -> Response:
         try:
-            req, prompt, params = await self._prepared(self._prepare_completion, request)
+            req, samples = await self._prepared(self._prepare_completion, request)
         except APIError as e:
             return _error(e)
-        return await self._run("completions", new_id("cmpl"), prompt, params, req, False)
+        return await self._run("completions", new_id("cmpl"), samples, req, False)
 
     @api.post("/v1/chat/completions", openapi_extra=_request_body("/v1/chat/completions"))
     async def chat_completions(self, request: Request) -> Response:
         try:
-            req, prompt, params = await self._prepared(self._prepare_chat, request)
+            req, samples = await self._prepared(self._prepare_chat, request)
         except APIError as e:
             return _error(e)
-        return await self._run("chat", new_id("chatcmpl"), prompt, params, req, True)
+        return await self._run("chat", new_id("chatcmpl"), samples, req, True)
 
     @api.get("/v1/models")
     async def models(self) -> Response:
-        return JSONResponse(models_body(self.model_name, self.max_model_len))
+        return JSONResponse(models_body(self.model_name, self.config.model.resolved_path(), self.max_model_len))
 
     @api.get("/health")
     async def health(self) -> Response:

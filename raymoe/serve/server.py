@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from raymoe.engine.executor import TopLogprobs
 from raymoe.engine.llm_engine import LLMEngine
 from raymoe.engine.outputs import KVHandoff, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
@@ -50,6 +51,8 @@ class TokenChunk:
     finished: bool
     finish_reason: str | None
     text: str | None = None  # whole output text, on the finishing chunk
+    logprobs: list[float] | None = None  # per token, with params.logprobs
+    top_logprobs: list[TopLogprobs | None] | None = None  # per token, with params.top_logprobs
 
 
 @dataclass(slots=True)
@@ -64,6 +67,8 @@ class OutputDelta:
     error: str | None = None  # the request failed (finished): why
     # unavailable: its unit failed (503); rejected: the engine refused it after the caller was answered
     error_kind: Literal["unavailable", "rejected"] | None = None
+    logprobs: list[float] | None = None  # per token, with params.logprobs
+    top_logprobs: list[TopLogprobs | None] | None = None  # per token, with params.top_logprobs
 
 
 def _output_batch(rows: list[tuple[Any, ...]]) -> OutputBatch:
@@ -81,7 +86,11 @@ class OutputBatch:
     deltas: list[OutputDelta]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        rows = [(d.request_id, d.token_ids, d.finished, d.finish_reason, d.text, d.error, d.error_kind) for d in self.deltas]
+        rows = [
+            (d.request_id, d.token_ids, d.finished, d.finish_reason, d.text, d.error, d.error_kind, d.logprobs,
+             d.top_logprobs)
+            for d in self.deltas
+        ]
         return (_output_batch, (rows,))
 
 
@@ -122,6 +131,8 @@ class PrefillResult:
     text: str | None
     prompt_len: int
     ticket: KVTicket | None  # None when finished
+    first_logprob: float | None = None  # with params.logprobs
+    first_top_logprobs: TopLogprobs | None = None  # with params.top_logprobs
 
 
 def _replica_id() -> str:
@@ -250,7 +261,8 @@ class EngineServer:
                     st.started = st.started or bool(out.new_token_ids)
                     st.outbox.push(
                         OutputDelta(out.request_id, out.new_token_ids, out.finished, out.finish_reason,
-                                    out.text if out.finished else None),
+                                    out.text if out.finished else None, logprobs=out.new_logprobs,
+                                    top_logprobs=out.new_top_logprobs),
                         urgent,
                     )
                     if out.finished:
@@ -581,12 +593,14 @@ class PrefillServer(EngineServer):
         if out.error is not None:  # it failed alone (its sampling, its output): the client's 400
             raise RequestRejected(out.error)
         token = out.new_token_ids[0]
+        lp = out.new_logprobs[0] if out.new_logprobs else None
+        top = out.new_top_logprobs[0] if out.new_top_logprobs else None
         if out.finish_reason == "prefill":
             assert handoff is not None
             ticket = self.transport.send(handoff, self.replica)
             self._pin(ticket)
-            return PrefillResult(token, False, None, None, out.prompt_len, ticket)
-        return PrefillResult(token, True, out.finish_reason, out.text, out.prompt_len, None)
+            return PrefillResult(token, False, None, None, out.prompt_len, ticket, lp, top)
+        return PrefillResult(token, True, out.finish_reason, out.text, out.prompt_len, None, lp, top)
 
 
 class DecodeServer(EngineServer):
