@@ -45,6 +45,7 @@ from raymoe.model.tiny import default_checkpoint, make_tiny
 from raymoe.parallel.config import ParallelConfig
 from raymoe.parallel.executor import ExpertParallelExecutor
 from raymoe.parallel.migration import plan_migration
+from raymoe.parallel.testing import simulated_cluster
 
 BLOCK = 16
 
@@ -71,17 +72,9 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def measure_unit(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
-    from ray.cluster_utils import Cluster
-
     tmp = Path(tempfile.mkdtemp(prefix="raymoe-bench-migration-"))
     ckpt = make_tiny(tmp / "hot", hot_experts=2, progress=False)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
-    for i in range(2):
-        cluster.add_node(num_cpus=2, num_gpus=4, resources={f"sim_node_{i}": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
+    with simulated_cluster():
         cfg = ParallelConfig(nodes=2, gpus_per_node=4, attention_tp=2, slots_per_gpu=9, node_limited=False)
         engine_cfg = EngineConfig(model=str(ckpt), kv_cache_tokens=args.seqs * 512, block_size=BLOCK)
         print(f"bench_migration: starting a {cfg.nodes}x{cfg.gpus_per_node} unit (TP{cfg.attention_tp}, flat exchange)")
@@ -138,10 +131,6 @@ def measure_unit(args: argparse.Namespace) -> dict[str, Any]:
         topo = unit.topo.describe()
         unit.shutdown()
         return {"baseline": baseline, "after": after, "migrations": migrations, "topology": topo, "seqs": args.seqs}
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
 
 def measure_recorder(args: argparse.Namespace) -> dict[str, float]:
     """Decode step time of the single-process engine with expert-load recording on and off, switched every

@@ -35,7 +35,7 @@ from raymoe.model.tiny import default_checkpoint
 from raymoe.model.weights import load_checkpoint
 from raymoe.parallel.config import ParallelConfig
 from raymoe.parallel.executor import initial_placement
-from raymoe.parallel.testing import BLOCKS_PER_SEQ, make_input, tiny_unit
+from raymoe.parallel.testing import BLOCKS_PER_SEQ, make_input, simulated_cluster, tiny_unit
 
 BLOCK = 16
 
@@ -64,16 +64,8 @@ def timed(fn: Any) -> float:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
-    from ray.cluster_utils import Cluster
-
     path = str(default_checkpoint())
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
-    for i in range(2):
-        cluster.add_node(num_cpus=2, num_gpus=4, resources={f"sim_node_{i}": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
+    with simulated_cluster():
         cfg = ParallelConfig(nodes=2, gpus_per_node=4, attention_tp=2, slots_per_gpu=9, node_limited=True)
         n_blocks = (args.decode_seqs + args.prefill_seqs) * BLOCKS_PER_SEQ
         print(f"bench_parallel: starting a {cfg.nodes}x{cfg.gpus_per_node} unit (TP{cfg.attention_tp}) on a simulated cluster")
@@ -127,10 +119,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             print(f"bench_parallel: {kind} done")
         unit.shutdown()
         return out
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
 
 # --- projection to DeepSeek-V3's units (on paper) ------------------------------------------------
 

@@ -8,14 +8,14 @@ __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:
-    from raymoe.engine.llm import LLM
     from raymoe.engine.sampling_params import SamplingParams
+    from raymoe.llm import LLM
 
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `import raymoe.eplb` does not pull in torch models or Ray.
     if name == "LLM":
-        from raymoe.engine.llm import LLM
+        from raymoe.llm import LLM
 
         return LLM
     if name == "SamplingParams":

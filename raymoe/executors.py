@@ -9,7 +9,8 @@ pulls in Ray and torch.distributed).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from raymoe.engine.config import EngineConfig
 from raymoe.engine.executor import Executor
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from raymoe.parallel.config import ParallelConfig
 
 
-def build_executor(config: EngineConfig, parallel: ParallelConfig | None = None) -> Executor:
+def build_executor(config: EngineConfig, parallel: ParallelConfig | Mapping[str, Any] | None = None) -> Executor:
     """The executor for `LLMEngine(config, executor)`: the local runner, or a unit laid out by `parallel`.
 
     A unit sizes its KV caches on its workers (`raymoe.engine.config.kv_cache_tokens`, after the
@@ -29,6 +30,9 @@ def build_executor(config: EngineConfig, parallel: ParallelConfig | None = None)
         from raymoe.engine.model_runner import build_runner
 
         return build_runner(config, ModelConfig.from_checkpoint(config.model))
+    from raymoe.parallel.config import ParallelConfig
     from raymoe.parallel.executor import ExpertParallelExecutor
 
+    if not isinstance(parallel, ParallelConfig):
+        parallel = ParallelConfig.model_validate(parallel)
     return ExpertParallelExecutor(config, parallel)

@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from raymoe.engine.config import EngineConfig
-from raymoe.engine.llm import LLM
 from raymoe.engine.llm_engine import LLMEngine
 from raymoe.engine.model_runner import ModelRunner
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.eplb import Placement, rebalance
 from raymoe.eplb.migration import ExpertHost, MigrationError
+from raymoe.llm import LLM
 from raymoe.model.config import ModelConfig
 from raymoe.model.deepseek_v3 import MoE, Transformer
 from raymoe.model.tiny import default_checkpoint

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from raymoe.engine.llm import LLM
 from raymoe.engine.sampling_params import SamplingParams
+from raymoe.llm import LLM
 from raymoe.model.config import ModelConfig
 from raymoe.model.deepseek_v3 import Transformer
 from raymoe.model.tiny import default_checkpoint

@@ -131,7 +131,7 @@ def test_grafana_dashboard_uses_exported_metrics() -> None:
     dash = json.loads((ROOT / "grafana/raymoe-serving.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_(raymoe_\w+)", e)}
-    source = (ROOT / "raymoe/serve/metrics.py").read_text()
+    source = "".join((ROOT / f).read_text() for f in ("raymoe/serve/metrics.py", "raymoe/eplb/metrics.py"))
     defined = set(re.findall(r'"(raymoe_\w+)"', source))
     assert used and used <= defined, used - defined
     assert {"raymoe_ttft_seconds", "raymoe_tpot_seconds", "raymoe_kv_blocks_used", "raymoe_kv_handoff_bytes_total"} <= used

@@ -361,7 +361,7 @@ class LoadTracker:
 
     def metrics(self) -> Any:
         if self._metrics is None:
-            from raymoe.serve.metrics import TrackerMetrics
+            from raymoe.eplb.metrics import TrackerMetrics
 
             self._metrics = TrackerMetrics(self.app, self.role)
         return self._metrics

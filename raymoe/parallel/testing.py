@@ -7,6 +7,9 @@ built without a block manager and replayed on the unit and on the reference alik
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from raymoe.engine.config import EngineConfig
@@ -18,6 +21,27 @@ from raymoe.parallel.executor import ExpertParallelExecutor
 
 BLOCKS_PER_SEQ = 8
 PROMPT_LENS = [[5, 11], [3], [], [9, 2, 7]]  # per DP rank of check_against_reference; rank 2 idle (an empty batch)
+
+
+@contextmanager
+def simulated_cluster(nodes: int = 2, gpus_per_node: int = 4, cpus_per_node: int = 2) -> Iterator[str]:
+    """A Ray cluster on this machine whose nodes declare GPUs they do not have (workers run on CPU,
+    gloo), connected to and torn down around the block; yields its address (never discovered)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "num_gpus": 0, "include_dashboard": False}
+    )
+    for i in range(nodes):
+        cluster.add_node(num_cpus=cpus_per_node, num_gpus=gpus_per_node, resources={f"sim_node_{i}": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster.address
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def tiny_unit(parallel: ParallelConfig, *, kv_cache_tokens: int, block_size: int) -> ExpertParallelExecutor:

@@ -595,6 +595,14 @@ class OpenAIIngress:
             for c in choices:
                 c.state.status = status
 
+        async def settle(tasks: list[asyncio.Future[Any]]) -> None:
+            """The response is over (answered, failed or cancelled): stop its choices' tasks, close, record."""
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await close()
+            record()
+
         if not stream:
 
             async def collect(c: _Choice) -> dict[str, Any]:
@@ -626,11 +634,7 @@ class OpenAIIngress:
                 fail("cancelled")
                 raise
             finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                await close()
-                record()
+                await settle(tasks)
             out = response_body(rid, self.model_name, chat, bodies, usage_now(), created)
             if want_ids and len(samples) == req.n:
                 out["prompt_token_ids"] = choices[0].prompt
@@ -688,11 +692,7 @@ class OpenAIIngress:
                 fail("cancelled")
                 raise
             finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                await close()
-                record()
+                await settle(tasks)
 
         return _ClosingStream(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

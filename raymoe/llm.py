@@ -75,10 +75,6 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             data_parallel_size=data_parallel_size,
         )
-        if isinstance(parallel, dict):
-            from raymoe.parallel.config import ParallelConfig
-
-            parallel = ParallelConfig.model_validate(parallel)
         executor = build_executor(config, parallel)
         try:
             self.engine = LLMEngine(config, executor)
