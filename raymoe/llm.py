@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from raymoe.engine.config import EngineConfig
-from raymoe.engine.executor import TopLogprobs
+from raymoe.engine.executor import PromptLogprobs, TopLogprobs
 from raymoe.engine.llm_engine import LLMEngine
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.executors import build_executor
@@ -33,6 +33,7 @@ class GenerationOutput:
     finish_reason: str | None
     logprobs: list[float] | None
     top_logprobs: list[TopLogprobs | None] | None = None  # per token, with params.top_logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # per prompt position after the first, with params.prompt_logprobs
 
 
 class LLM:
@@ -121,6 +122,7 @@ class LLM:
             tokens: dict[str, list[int]] = {r: [] for r in ids}
             logprobs: dict[str, list[float]] = {r: [] for r in ids}
             tops: dict[str, list[TopLogprobs | None]] = {r: [] for r in ids}
+            prompt_lps: dict[str, PromptLogprobs | None] = dict.fromkeys(ids)
             done: dict[str, tuple[str | None, str | None]] = {}
             prompt_ids = {r: list(engine.requests[r].token_ids) for r in ids}
             with tqdm(
@@ -140,6 +142,8 @@ class LLM:
                             logprobs[out.request_id].extend(out.new_logprobs)
                         if out.new_top_logprobs:
                             tops[out.request_id].extend(out.new_top_logprobs)
+                        if out.prompt_logprobs is not None:
+                            prompt_lps[out.request_id] = out.prompt_logprobs
                         if out.finished:
                             done[out.request_id] = (out.text, out.finish_reason)
                             bar.update(1)
@@ -157,6 +161,7 @@ class LLM:
                 finish_reason=done[rid][1],
                 logprobs=logprobs[rid] if p.logprobs else None,
                 top_logprobs=tops[rid] if p.top_logprobs else None,
+                prompt_logprobs=prompt_lps[rid],
             )
             for rid, prompt, p in zip(ids, prompts, params, strict=True)
         ]

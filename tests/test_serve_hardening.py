@@ -409,7 +409,7 @@ def test_a_failed_row_in_the_replica_fails_its_request_alone(monkeypatch: pytest
         return real(seed, index, device)
 
     monkeypatch.setattr(sampler_module, "row_generator", poisoned)
-    config = {"model": {"dtype": "float32", "max_model_len": 128}, "disaggregated": False,
+    config = {"model": {"dtype": "float32", "max_model_len": 128}, "disaggregated": False, "engine_process": False,
               "decode": {"engine": {"kv_cache_tokens": 1024, "max_num_seqs": 8}}}
 
     async def main() -> None:

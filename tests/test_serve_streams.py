@@ -1,4 +1,5 @@
-"""The replica's multiplexed output stream, in one process: the real engine behind `LLMServer`, no Serve.
+"""The replica's multiplexed output stream, in one process: the real engine behind `LLMServer`, no Serve
+(the engine on the replica's thread: `engine_process: false`; tests/test_serve_speed.py runs the core process).
 
 One subscriber's stream carries every request's tokens; each request's own call only holds it.
 """
@@ -21,6 +22,7 @@ def config() -> dict[str, Any]:
     return {
         "model": {"dtype": "float32", "max_model_len": 256},
         "disaggregated": False,
+        "engine_process": False,
         "stream_interval_ms": 30,
         "decode": {"engine": {"kv_cache_tokens": 1024, "max_num_seqs": 8}, "max_waiting_requests": 2},
     }

@@ -512,18 +512,18 @@ def test_grafana_import_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, cap
 # --- the replica side: EngineServer.migrate / expert_state over a fake executor -----------------
 def _server(host: Any, busy: bool = False) -> Any:
     """An EngineServer whose engine is a stand-in holding `host` as its executor (no model, no Ray)."""
-    from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
     from raymoe.serve.config import ServeConfig
+    from raymoe.serve.engine_core import EngineCore, ThreadEngineClient
     from raymoe.serve.server import DecodeServer
 
     srv = object.__new__(DecodeServer)
     cfg = ServeConfig.model_validate({"decode": {"eplb": {"enabled": True, "migration_timeout_s": 5}}})
     srv.config, srv.unit, srv.replica = cfg, cfg.decode, "rep-1"
-    srv.engine = SimpleNamespace(executor=host, has_unfinished_requests=lambda: busy,
-                                 model_config=SimpleNamespace(n_group=1))
-    srv._thread = ThreadPoolExecutor(1)
+    engine = SimpleNamespace(executor=host, has_unfinished_requests=lambda: busy, dp_size=1,
+                             model_config=SimpleNamespace(n_group=1))
+    srv.core = ThreadEngineClient(EngineCore(engine), 1.0)  # type: ignore[arg-type]
     srv._failure = None
     srv._migrations = 0
     return srv

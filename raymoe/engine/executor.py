@@ -53,8 +53,9 @@ class SamplingMetadata:
     seeds: per row an int (draw from a generator seeded by (seed, output_index): reproducible and
     independent of batch composition, preemption and KV handoff) or None (the global generator).
     output_indices: per row, how many tokens the request has generated before this one.
-    penalties, logit_bias (added), banned (set to -inf: EOS and stop ids before min_tokens): None
-    when no row of the step uses them, so the common step pays nothing for them.
+    penalties, logit_bias (added), banned (set to -inf: EOS and stop ids before min_tokens, bad
+    words' next tokens), allowed, min_ps: None when no row of the step uses them, so the common
+    step pays nothing for them.
     """
 
     temperatures: torch.Tensor
@@ -70,9 +71,48 @@ class SamplingMetadata:
     logit_bias: SparseLogits | None = None
     banned: SparseLogits | None = None
     top_logprobs: list[int] | None = None  # per row, how many alternatives to return; None: no row asks
+    allowed: SparseLogits | None = None  # (row, id) of the rows with allowed_token_ids: their other ids are masked
+    min_ps: torch.Tensor | None = None  # [n] float32 when a sampled row uses min_p (0: off)
+    # [n, ceil(vocab / 32)] int32 packed: bit t of row r set = token t allowed by the row's grammar
+    # (-1 for a row without one); None when no row of the step has a grammar (raymoe.engine.structured)
+    grammar_bitmask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.seeds)
+
+
+@dataclass(slots=True)
+class PromptLogprobsRequest:
+    """The rows of a step's flat batch whose next token is a prompt token of a request asking for
+    prompt logprobs (built only when one asks, so the common step pays nothing for it).
+
+    indices/targets: [m] int64, the flat-batch row (its hidden state) and the prompt token it predicts.
+    counts: per asking sequence of the step (in batch order), how many of the m rows are its.
+    top_n: per asking sequence, how many alternatives to return with each position (0: none).
+    """
+
+    indices: torch.Tensor
+    targets: torch.Tensor
+    batch_rows: list[int]  # per asking sequence: its index in the step's batch
+    counts: list[int]
+    top_n: list[int]
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """Prompt positions of one request: per position, the raw-model logprob of the next prompt token,
+    its rank in the vocabulary (1 = most likely; vLLM's: tokens with a logprob >= its own), and the
+    most likely alternatives when asked."""
+
+    logprobs: list[float]
+    ranks: list[int]
+    top: list[TopLogprobs] | None
+
+    def extend(self, more: PromptLogprobs) -> None:
+        self.logprobs.extend(more.logprobs)
+        self.ranks.extend(more.ranks)
+        if self.top is not None and more.top is not None:
+            self.top.extend(more.top)
 
 
 @dataclass
@@ -93,6 +133,7 @@ class ModelInput:
     slot_mapping: torch.Tensor
     sample_indices: torch.Tensor
     sampling: SamplingMetadata | None
+    prompt_logprobs: PromptLogprobsRequest | None = None  # rows whose prompt logprobs are wanted
 
     @property
     def num_tokens(self) -> int:
@@ -124,6 +165,7 @@ class SamplerOutput:
     logprobs: list[float] | None
     errors: dict[int, str] | None = None
     top: list[TopLogprobs | None] | None = None  # per row, when a row asked for top_logprobs
+    prompt_logprobs: list[PromptLogprobs] | None = None  # per asking sequence of ModelInput.prompt_logprobs
 
 
 @dataclass(slots=True)

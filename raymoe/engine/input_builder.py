@@ -10,9 +10,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raymoe.engine.executor import ModelInput, Penalties, SamplingMetadata, SparseLogits
+from raymoe.engine.executor import (
+    ModelInput,
+    Penalties,
+    PromptLogprobsRequest,
+    SamplingMetadata,
+    SparseLogits,
+)
 from raymoe.engine.scheduler import ScheduledBatch
 from raymoe.engine.sequence import Sequence
+from raymoe.engine.structured import StructuredOutputManager
 
 
 def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
@@ -53,26 +60,84 @@ def _sparse(entries: list[tuple[int, int, float]]) -> SparseLogits | None:
     )
 
 
-def _logits_edits(sampled: list[Sequence], eos_token_ids: frozenset[int]) -> tuple[SparseLogits | None, SparseLogits | None]:
-    """logit_bias entries, and the stop tokens banned before min_tokens, of the rows that ask for them."""
+def _bad_word_bans(s: Sequence) -> set[int]:
+    """vLLM's bad words: a word's last token is banned when the output ends with the word's other tokens."""
+    out = s.token_ids[s.num_prompt_tokens :]
+    bans: set[int] = set()
+    for word in s.bad_word_ids or ():
+        head = len(word) - 1
+        if head == 0 or (len(out) >= head and out[len(out) - head :] == word[:-1]):
+            bans.add(word[-1])
+    return bans
+
+
+def _logits_edits(
+    sampled: list[Sequence], eos_token_ids: frozenset[int]
+) -> tuple[SparseLogits | None, SparseLogits | None, SparseLogits | None]:
+    """logit_bias entries, the banned tokens (stops before min_tokens, bad words) and the
+    allowed_token_ids of the rows that ask for them."""
     bias: list[tuple[int, int, float]] = []
     banned: list[tuple[int, int, float]] = []
+    allowed: list[tuple[int, int, float]] = []
     for row, s in enumerate(sampled):
         p = s.params
         if p.logit_bias:
             bias.extend((row, t, v) for t, v in p.logit_bias.items())
-        if p.min_tokens and s.num_output_tokens < p.min_tokens:
-            stops = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(eos_token_ids))
-            banned.extend((row, t, 0.0) for t in sorted(stops))
-    return _sparse(bias), _sparse(banned)
+        hold_stops = p.min_tokens and s.num_output_tokens < p.min_tokens
+        if hold_stops or s.bad_word_ids:
+            bans = _bad_word_bans(s) if s.bad_word_ids else set()
+            if hold_stops:
+                bans |= set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(eos_token_ids))
+            banned.extend((row, t, 0.0) for t in sorted(bans))
+        if p.allowed_token_ids:
+            allowed.extend((row, t, 0.0) for t in p.allowed_token_ids)
+    return _sparse(bias), _sparse(banned), _sparse(allowed)
+
+
+def _prompt_logprobs_rows(
+    asking: list[tuple[int, Sequence, int, int, int]],
+) -> PromptLogprobsRequest | None:
+    """The flat-batch rows of this step's prompt positions still wanted, per (batch row, seq, start
+    token, new tokens, first flat row): positions already collected (a preempted sequence computes
+    its prompt again) and the last prompt position (it predicts the first generated token) are not."""
+    indices: list[int] = []
+    targets: list[int] = []
+    rows: list[int] = []
+    counts: list[int] = []
+    top_n: list[int] = []
+    for row, seq, c, n, t in asking:
+        assert seq.prompt_logprobs is not None
+        start = max(c, len(seq.prompt_logprobs.logprobs))
+        end = min(c + n, seq.num_prompt_tokens - 1)
+        if end <= start:
+            continue
+        indices.extend(range(t + start - c, t + end - c))
+        targets.extend(seq.token_ids[start + 1 : end + 1])
+        rows.append(row)
+        counts.append(end - start)
+        top_n.append(seq.params.prompt_logprobs or 0)
+    if not rows:
+        return None
+    return PromptLogprobsRequest(
+        indices=torch.tensor(indices, dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long),
+        batch_rows=rows,
+        counts=counts,
+        top_n=top_n,
+    )
 
 
 def build_model_input(
-    batch: ScheduledBatch, block_size: int, vocab_size: int, eos_token_ids: frozenset[int]
+    batch: ScheduledBatch,
+    block_size: int,
+    vocab_size: int,
+    eos_token_ids: frozenset[int],
+    structured: StructuredOutputManager | None = None,
 ) -> ModelInput:
     """The flat variable-length batch of one rank: ids, positions, cache slots, block tables, sampling rows.
 
-    `vocab_size` pads the penalised rows' token history; `eos_token_ids` are what min_tokens bans."""
+    `vocab_size` pads the penalised rows' token history; `eos_token_ids` are what min_tokens bans;
+    `structured` (given only while some request has a grammar) fills the sampled rows' grammar bitmask."""
     bs = block_size
     ids: list[int] = []
     positions: list[int] = []
@@ -81,6 +146,7 @@ def build_model_input(
     clens: list[int] = []
     sample_idx: list[int] = []
     sampled: list[Sequence] = []
+    asking: list[tuple[int, Sequence, int, int, int]] = []  # sequences whose prompt logprobs are wanted
     width = max(len(s.block_table) for s in batch.seqs)
     tables = np.zeros((len(batch.seqs), width), dtype=np.int64)
     t = 0
@@ -99,6 +165,8 @@ def build_model_input(
             slots.extend((tables[row, pos // bs] * bs + pos % bs).tolist())
         qlens.append(n)
         clens.append(c + n)
+        if seq.prompt_logprobs is not None and c < seq.num_prompt_tokens - 1:
+            asking.append((row, seq, c, n, t))
         t += n
         if c + n == len(seq.token_ids):
             sample_idx.append(t - 1)
@@ -108,7 +176,7 @@ def build_model_input(
         params = [s.params for s in sampled]
         temps = [p.temperature for p in params]
         all_greedy = not any(temps)
-        logit_bias, banned = _logits_edits(sampled, eos_token_ids)
+        logit_bias, banned, allowed = _logits_edits(sampled, eos_token_ids)
         sampling = SamplingMetadata(
             temperatures=torch.tensor(temps, dtype=torch.float32),
             top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32),
@@ -123,6 +191,10 @@ def build_model_input(
             logit_bias=logit_bias,
             banned=banned,
             top_logprobs=[p.top_logprobs for p in params] if any(p.top_logprobs for p in params) else None,
+            grammar_bitmask=structured.bitmask([s.request_id for s in sampled]) if structured is not None else None,
+            allowed=allowed,
+            min_ps=torch.tensor([p.min_p for p in params], dtype=torch.float32)
+            if not all_greedy and any(p.min_p for p in params) else None,
         )
     return ModelInput(
         input_ids=torch.tensor(ids, dtype=torch.long),
@@ -133,4 +205,5 @@ def build_model_input(
         slot_mapping=torch.tensor(slots, dtype=torch.long),
         sample_indices=torch.tensor(sample_idx, dtype=torch.long),
         sampling=sampling,
+        prompt_logprobs=_prompt_logprobs_rows(asking) if asking else None,
     )

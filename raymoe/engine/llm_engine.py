@@ -24,7 +24,7 @@ import torch
 
 from raymoe.engine.block_manager import BlockManager
 from raymoe.engine.config import EngineConfig, resolve_max_model_len
-from raymoe.engine.executor import Executor, ModelInput, SamplerOutput, TopLogprobs
+from raymoe.engine.executor import Executor, ModelInput, PromptLogprobs, SamplerOutput, TopLogprobs
 from raymoe.engine.input_builder import build_model_input
 from raymoe.engine.model_runner import build_runner
 from raymoe.engine.output_processor import OutputProcessor
@@ -32,6 +32,7 @@ from raymoe.engine.outputs import EngineStats, KVHandoff, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
 from raymoe.engine.scheduler import ScheduledBatch, Scheduler
 from raymoe.engine.sequence import Sequence, SequenceStatus
+from raymoe.engine.structured import StructuredOutputManager
 from raymoe.model.config import ModelConfig
 from raymoe.model.tokenizer import Tokenizer
 
@@ -66,6 +67,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             eos.update(self.tokenizer.eos_token_ids)
         self.output = OutputProcessor(self.tokenizer, frozenset(eos))
+        self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size, sorted(eos))
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._finished_now: list[Sequence] = []  # handed-off requests already complete at arrival
@@ -97,6 +99,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if seq.params.logit_bias and max(seq.params.logit_bias) >= vocab:
             raise ValueError(f"request {request_id!r}: logit_bias token ids must be in [0, {vocab})")
+        if seq.params.allowed_token_ids and max(seq.params.allowed_token_ids) >= vocab:
+            raise ValueError(f"request {request_id!r}: allowed_token_ids must be in [0, {vocab})")
         if seq.num_prompt_tokens >= self.max_model_len:
             raise ValueError(
                 f"request {request_id!r}: prompt has {seq.num_prompt_tokens} tokens, max_model_len is "
@@ -109,6 +113,22 @@ class LLMEngine:
                 f"request {request_id!r}: prompt ({seq.num_prompt_tokens}) + max_tokens needs {seq.max_total} tokens "
                 f"of KV cache, but the cache holds {bm.num_blocks * bm.block_size} (kv_cache_tokens)"
             )
+
+    def _bad_word_ids(self, request_id: str, params: SamplingParams) -> list[list[int]] | None:
+        """vLLM's tokenization of bad_words: each word as is, and with a leading space when that is a
+        different word token of the same length (so it is banned mid-text as well as at the start)."""
+        if not params.bad_words:
+            return None
+        if self.tokenizer is None:
+            raise ValueError(f"request {request_id!r}: bad_words need a tokenizer, {self.config.model} has no tokenizer.json")
+        out: list[list[int]] = []
+        for word in params.bad_words:
+            bare = self.tokenizer.encode(word.lstrip(), add_bos=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_bos=False)
+            out.append(bare)
+            if spaced[0] != bare[0] and len(spaced) == len(bare):
+                out.append(spaced)
+        return out
 
     def _check_stop_strings(self, request_id: str, params: SamplingParams) -> None:
         if params.stop_strings and self.tokenizer is None:
@@ -154,6 +174,9 @@ class LLMEngine:
         )
         self._check_fits(request_id, seq)
         self._check_stop_strings(request_id, params)
+        seq.bad_word_ids = self._bad_word_ids(request_id, params)
+        if params.structured_outputs is not None:  # compiled here (cached per spec): a bad grammar is a ValueError
+            self.structured.add(request_id, params.structured_outputs)
         seq.dp_rank = self._choose_rank()
         self.schedulers[seq.dp_rank].add(seq)
         self.requests[request_id] = seq
@@ -183,10 +206,17 @@ class LLMEngine:
         )
         self._check_fits(request_id, seq)
         self._check_stop_strings(request_id, params)
+        seq.bad_word_ids = self._bad_word_ids(request_id, params)
         seq.num_emitted = 1  # the prefill unit reported the first token
+        seq.prompt_logprobs = None  # and the prompt's logprobs: a recompute here (preemption) needs none
+        spec = params.structured_outputs
+        # the grammar continues here: a fresh matcher replays the token the prefill unit sampled
+        complete = spec is not None and self.structured.add(request_id, spec, [handoff.first_token_id])
         self.requests[request_id] = seq
         seq.dp_rank = self._choose_rank()
-        if self.output.append_token(seq, handoff.first_token_id, handoff.first_logprob, handoff.first_top_logprobs):
+        if self.output.append_token(seq, handoff.first_token_id, handoff.first_logprob, handoff.first_top_logprobs) or complete:
+            seq.finish_reason = seq.finish_reason or "stop"
+            self.structured.release(request_id)
             seq.status = SequenceStatus.FINISHED
             self._finished_now.append(seq)
             return
@@ -205,6 +235,7 @@ class LLMEngine:
         seq.pending_kv = None
         if seq in self._finished_now:
             self._finished_now.remove(seq)
+        self.structured.release(request_id)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -262,12 +293,29 @@ class LLMEngine:
                 continue
             for seq in batch.kv_writes:
                 self._write_handoff_kv(rank, seq)
-            inputs.append(build_model_input(batch, self.block_size, self.model_config.vocab_size, self.output.eos_token_ids))
+            inputs.append(
+                build_model_input(
+                    batch, self.block_size, self.model_config.vocab_size, self.output.eos_token_ids,
+                    self.structured if self.structured.active else None,
+                )
+            )
         results = self.executor.execute(inputs)
         for rank, (batch, result) in enumerate(zip(batches, results, strict=True)):
             if batch is not None:
+                if result is not None and result.prompt_logprobs is not None:
+                    self._collect_prompt_logprobs(batch, inputs[rank], result.prompt_logprobs)
                 outputs.extend(self._postprocess(rank, batch, result))
         return outputs
+
+    def _collect_prompt_logprobs(
+        self, batch: ScheduledBatch, inp: ModelInput | None, got: list[PromptLogprobs]
+    ) -> None:
+        """This step's prompt positions into their sequences (a long prompt's chunks add up over steps)."""
+        assert inp is not None and inp.prompt_logprobs is not None
+        for row, part in zip(inp.prompt_logprobs.batch_rows, got, strict=True):
+            acc = batch.seqs[row].prompt_logprobs
+            assert acc is not None
+            acc.extend(part)
 
     def _postprocess(
         self, rank: int, batch: ScheduledBatch, result: SamplerOutput | None
@@ -304,8 +352,15 @@ class LLMEngine:
     ) -> RequestOutput:
         """One sampled token into its request: the request's news, finished when the token ends it."""
         proc = self.output
+        structured = self.structured
+        complete = structured.active and structured.has(seq.request_id) and structured.accept(seq.request_id, token)
         done = proc.append_token(seq, token, logprob, top)
         self.generation_tokens += 1
+        if complete and not done:  # the grammar reached its end state
+            seq.finish_reason = "stop"
+            done = True
+        if structured.active and (done or seq.prefill_only):  # a prefill's grammar continues on decode
+            structured.release(seq.request_id)
         if not done and not seq.prefill_only:
             return proc.new_tokens(seq)
         if not done:
@@ -319,6 +374,7 @@ class LLMEngine:
 
     def _fail(self, rank: int, seq: Sequence, error: str) -> RequestOutput:
         """End one request with an error (its blocks freed, even a prefill_only one's); the batch goes on."""
+        self.structured.release(seq.request_id)
         self.schedulers[rank].remove(seq)
         self.block_managers[rank].free_sequence(seq)
         self.requests.pop(seq.request_id, None)

@@ -9,6 +9,7 @@ import torch
 
 from raymoe.engine.config import EngineConfig, kv_cache_tokens
 from raymoe.engine.executor import ModelInput, SamplerOutput
+from raymoe.engine.prompt_logprobs import compute_prompt_logprobs
 from raymoe.engine.sampler import Sampler
 from raymoe.eplb.migration import MigrationResult, MigrationStatus
 from raymoe.eplb.placement import Placement
@@ -122,12 +123,18 @@ class ModelRunner(HostsEveryExpert):
             inp.attention_metadata(dev),
             self.kv_cache,
         )
+        prompt_lps = None
+        if inp.prompt_logprobs is not None:  # before `hidden[idx]`: positions inside the prompt are wanted
+            model = self.model
+            prompt_lps = compute_prompt_logprobs(model.compute_logits, hidden, inp.prompt_logprobs, model.config.vocab_size)
         if inp.sampling is None or inp.sample_indices.numel() == 0:
-            return SamplerOutput([], None)
+            return SamplerOutput([], None, prompt_logprobs=prompt_lps)
         idx = inp.sample_indices.to(dev, non_blocking=True)
         rows = hidden if idx.numel() == hidden.shape[0] else hidden[idx]
         logits = self.model.compute_logits(rows)
-        return self.sampler(logits, inp.sampling)
+        out = self.sampler(logits, inp.sampling)
+        out.prompt_logprobs = prompt_lps
+        return out
 
     def _check(self, dp_rank: int, block_ids: list[int]) -> None:
         if dp_rank != 0:

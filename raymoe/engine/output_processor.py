@@ -22,11 +22,12 @@ class IncrementalDetokenizer:
     not the whole output again.
     """
 
-    __slots__ = ("_tokenizer", "_step", "_ids", "_tail", "_sent", "_pending", "hold")
+    __slots__ = ("_tokenizer", "_step", "_ids", "_tail", "_sent", "_pending", "hold", "_skip_special")
 
-    def __init__(self, tokenizer: Tokenizer, hold: int = 0) -> None:
+    def __init__(self, tokenizer: Tokenizer, hold: int = 0, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
-        self._step = tokenizer.decode_stream()
+        self._skip_special = skip_special_tokens
+        self._step = tokenizer.decode_stream(skip_special_tokens)
         self._ids: list[int] = []  # for the final decode when the last character stays incomplete
         self._tail = ""  # complete text decoded but not sent yet (at most `hold` characters between pushes)
         self._sent = 0  # characters returned so far
@@ -54,7 +55,7 @@ class IncrementalDetokenizer:
         if final_text is not None:
             out = final_text[self._sent :]
         elif self._pending:
-            out = self._tokenizer.decode(self._ids)[self._sent :]
+            out = self._tokenizer.decode(self._ids, self._skip_special)[self._sent :]
         else:
             out = self._tail
         self._sent += len(out)
@@ -102,25 +103,30 @@ class OutputProcessor:
         spans at most that many), so the check costs O(stop length), not O(output length).
         """
         assert self.tokenizer is not None
-        stops = seq.params.stop_strings
+        p = seq.params
+        stops = p.stop_strings
         longest = max(len(x) for x in stops)
         window = self.tokenizer.decode(
-            seq.token_ids[max(seq.num_prompt_tokens, len(seq.token_ids) - longest - 8) :]
+            seq.token_ids[max(seq.num_prompt_tokens, len(seq.token_ids) - longest - 8) :], p.skip_special_tokens
         )
         if not any(x in window for x in stops):
             return False
-        text = self.tokenizer.decode(seq.output_token_ids)
-        cut = min((i for i in (text.find(x) for x in stops) if i >= 0), default=len(text))
-        seq.output_text = text[:cut]
+        text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
+        # the earliest match (the longest stop among those starting there); kept with include_stop_str_in_output
+        at, stop = min(((i, -len(x)) for x in stops if (i := text.find(x)) >= 0), default=(len(text), 0))
+        seq.output_text = text[: at - stop] if p.include_stop_str_in_output else text[:at]
         seq.stop_string_hit = True
         return True
 
     def new_tokens(self, seq: Sequence) -> RequestOutput:
         """The tokens generated since the last report of a running request."""
         new = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted :]
+        first = seq.num_emitted == 0
         seq.num_emitted += len(new)
         lps = seq.logprobs[-len(new) :] if seq.params.logprobs and seq.logprobs else None
         out = RequestOutput(seq.request_id, new, lps, False, None, seq.num_prompt_tokens)
+        if first:
+            out.prompt_logprobs = seq.prompt_logprobs
         if seq.params.top_logprobs and new:
             out.new_top_logprobs = seq.top_logprobs[-len(new) :]
         return out
@@ -130,11 +136,17 @@ class OutputProcessor:
         text = None
         if self.tokenizer is not None:
             # a stop string's match (and what follows it) is cut off; otherwise the whole output
-            text = seq.output_text if seq.stop_string_hit else self.tokenizer.decode(seq.output_token_ids)
+            text = (
+                seq.output_text if seq.stop_string_hit
+                else self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+            )
         new = seq.output_token_ids[seq.num_emitted :]
+        first = seq.num_emitted == 0
         lps = seq.logprobs[len(seq.logprobs) - len(new) :] if seq.params.logprobs and seq.logprobs else None
         seq.num_emitted = seq.num_output_tokens
         out = RequestOutput(seq.request_id, new, lps, True, seq.finish_reason, seq.num_prompt_tokens, text)
+        if first:
+            out.prompt_logprobs = seq.prompt_logprobs
         if seq.params.top_logprobs and new:
             out.new_top_logprobs = seq.top_logprobs[len(seq.top_logprobs) - len(new) :]
         return out

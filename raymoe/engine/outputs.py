@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raymoe.engine.executor import TopLogprobs
+from raymoe.engine.executor import PromptLogprobs, TopLogprobs
 
 
 @dataclass(slots=True)
@@ -22,6 +22,7 @@ class RequestOutput:
     text: str | None = None  # the whole output text, once finished (None without a tokenizer)
     error: str | None = None  # the request failed alone (finish_reason "error"): why, for its client
     new_top_logprobs: list[TopLogprobs | None] | None = None  # per new token, with params.top_logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # with params.prompt_logprobs, on the request's first output
 
 
 @dataclass(slots=True)

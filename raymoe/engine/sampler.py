@@ -1,7 +1,8 @@
 """Vectorised next-token sampling: logits processing, greedy, temperature, top-k, top-p, per-request seeds.
 
-Logits processing (vLLM's order and semantics: penalties, then logit_bias, then the min_tokens ban)
-runs only when a row of the step uses it, as a few batched tensor ops over the whole step; a step
+Logits processing (vLLM's order and semantics: the structured-output grammar mask, penalties, then
+logit_bias, then the min_tokens and bad-word bans, then the allowed_token_ids mask; min_p after
+temperature) runs only when a row of the step uses it, as a few batched tensor ops over the whole step; a step
 without it goes straight to the argmax (greedy) or the race. Logprobs stay the raw model's.
 
 Random rows use the exponential-race form (argmax of p / E with E ~ Exp(1) is a draw from p), so
@@ -65,8 +66,30 @@ def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
     return logits - p.presence.to(device, non_blocking=True).unsqueeze(1) * (counts > 0).to(logits.dtype)
 
 
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # [byte, bit]: bit set
+_BYTE_PENALTY: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf for every token a row's grammar does not allow; bitmask [n, ceil(vocab / 32)] int32, bit t = token t.
+
+    The words are read as their (little-endian) bytes and each byte looked up in a [256, 8] table of
+    0 / -inf that is added to the logits: one gather and one add (the unpacked 32-bit shifts cost ~6x more)."""
+    n, vocab = logits.shape
+    key = (logits.device, logits.dtype)
+    table = _BYTE_PENALTY.get(key)
+    if table is None:
+        table = torch.zeros(256, 8, dtype=logits.dtype).masked_fill(~_BYTE_BITS, float("-inf")).to(logits.device)
+        _BYTE_PENALTY[key] = table
+    data = bitmask.to(logits.device, non_blocking=True).contiguous().view(torch.uint8).reshape(-1).long()
+    return logits + table.index_select(0, data).view(n, -1)[:, :vocab]
+
+
 def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """The step's logits after penalties, logit_bias and the min_tokens ban (the same tensor when none is used)."""
+    """The step's logits after the grammar mask, penalties, logit_bias and the min_tokens ban (the same
+    tensor when none is used)."""
+    if md.grammar_bitmask is not None:
+        logits = apply_token_bitmask(logits, md.grammar_bitmask)
     if md.penalties is not None:
         logits = apply_penalties(logits, md.penalties)
     if md.logit_bias is not None:
@@ -80,7 +103,21 @@ def process_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         logits = logits.index_put(
             (md.banned.rows.to(device), md.banned.ids.to(device)), torch.tensor(float("-inf"), device=device)
         )
+    if md.allowed is not None:  # the rows with an allow-list keep only its tokens
+        device = logits.device
+        rows, ids = md.allowed.rows.to(device), md.allowed.ids.to(device)
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        keep[rows] = False
+        keep[rows, ids] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """vLLM's min_p (after temperature): drop the tokens less likely than min_p x the row's most likely one."""
+    probs = logits.softmax(dim=-1)
+    floor = probs.amax(dim=-1, keepdim=True) * min_ps.to(logits.device, non_blocking=True).unsqueeze(1)
+    return logits.masked_fill(probs < floor, float("-inf"))
 
 
 def _sparse_row(sp: SparseLogits | None, row: int) -> SparseLogits | None:
@@ -120,6 +157,9 @@ def _row(md: SamplingMetadata, row: int) -> SamplingMetadata:
         logit_bias=_sparse_row(md.logit_bias, row),
         banned=_sparse_row(md.banned, row),
         top_logprobs=md.top_logprobs[row : row + 1] if md.top_logprobs is not None else None,
+        allowed=_sparse_row(md.allowed, row),
+        min_ps=md.min_ps[row : row + 1] if md.min_ps is not None and not greedy else None,
+        grammar_bitmask=md.grammar_bitmask[row : row + 1] if md.grammar_bitmask is not None else None,
     )
 
 
@@ -169,6 +209,8 @@ class Sampler:
             temps = md.temperatures.to(device, non_blocking=True)
             greedy = temps == 0
             scaled = logits / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1)
+            if md.min_ps is not None:
+                scaled = apply_min_p(scaled, md.min_ps)
             if md.any_top_k or md.any_top_p:
                 scaled = apply_top_k_top_p(
                     scaled,

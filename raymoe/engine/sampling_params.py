@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from raymoe.engine.structured import StructuredOutputsParams
+
 INT64_MAX = (1 << 63) - 1
 INT64_MIN = -(1 << 63)
 MAX_STOP_STRINGS = 16  # the OpenAI edge allows 4; more is the offline API's
@@ -12,6 +14,8 @@ MAX_STOP_STRING_CHARS = 1024  # each step decodes a window of this many tokens p
 MAX_STOP_TOKEN_IDS = 1024  # checked per generated token
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's bound)
 MAX_LOGIT_BIAS = 1024  # entries per request: each becomes one element of the step's bias tensor
+MAX_ALLOWED_TOKEN_IDS = 1 << 18  # allowed_token_ids per request (more than any vocabulary served)
+MAX_BAD_WORDS = 64  # bad_words per request: each is checked against the output's tail per step
 
 
 def _is_int(v: object) -> bool:
@@ -38,7 +42,20 @@ class SamplingParams:
     token seen in the prompt or the output; frequency_penalty subtracts its value times the
     token's count in the output, presence_penalty its value once for a token in the output;
     logit_bias adds to the named token ids' logits (OpenAI's [-100, 100]); min_tokens keeps EOS
-    and stop_token_ids from being drawn before that many tokens are generated.
+    and stop_token_ids from being drawn before that many tokens are generated; allowed_token_ids
+    masks every other token; bad_words (strings, tokenized with and without a leading space) ban
+    a word's last token whenever the output ends with the rest of it (a one-token word always);
+    min_p drops the tokens whose probability, after temperature, is below min_p times the most
+    likely one's.
+
+    prompt_logprobs=N (vLLM's): the logprob and rank of every prompt token after the first and its
+    N most likely alternatives (N=0: none), under the raw model; such a request is prefilled in
+    full (the prefix cache is not read for it: its positions must be computed).
+    include_stop_str_in_output keeps the matched stop string in the text; skip_special_tokens=False
+    shows special tokens (EOS...) in it; spaces_between_special_tokens=False joins adjacent ones
+    without a space (the tokenizer's decoder decides: DeepSeek-V3's byte-level one never adds one).
+    structured_outputs: the output must match this grammar (JSON schema, regex, choice, Lark/GBNF;
+    `raymoe.engine.structured`), enforced by masking every token it does not allow.
 
     Every value fits the tensor it becomes (int64, finite float32), so nothing a request carries
     can fail a batch: the engine checks again (`validate`) when it admits a request, since a
@@ -60,6 +77,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    prompt_logprobs: int | None = None
+    min_p: float = 0.0
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -123,10 +148,46 @@ class SamplingParams:
         self.logit_bias = {k: float(v) for k, v in bias.items()} or None
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        self._validate_extensions()
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
+            self.structured_outputs.validate()
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
         if self.top_k == 0:
             self.top_k = -1
+
+    def _validate_extensions(self) -> None:
+        """vLLM's prompt_logprobs, min_p, allowed_token_ids, bad_words and detokenization switches."""
+        n = self.prompt_logprobs
+        if n is not None and (not _is_int(n) or not 0 <= n <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"prompt_logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {n!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        self.min_p = float(self.min_p)
+        ids = self.allowed_token_ids
+        if ids is not None and (
+            not isinstance(ids, list | tuple) or not ids or len(ids) > MAX_ALLOWED_TOKEN_IDS
+            or not all(_is_int(i) and 0 <= i <= INT64_MAX for i in ids)
+        ):
+            raise ValueError(
+                f"allowed_token_ids must be None or 1 to {MAX_ALLOWED_TOKEN_IDS} non-negative token ids, got {ids!r}"[:300]
+            )
+        self.allowed_token_ids = list(ids) if ids is not None else None
+        words = self.bad_words if self.bad_words is not None else []
+        if (
+            not isinstance(words, list | tuple) or len(words) > MAX_BAD_WORDS
+            or not all(isinstance(w, str) and w.strip() and len(w) <= MAX_STOP_STRING_CHARS for w in words)
+        ):
+            raise ValueError(
+                f"bad_words must be at most {MAX_BAD_WORDS} non-blank strings of at most {MAX_STOP_STRING_CHARS} "
+                f"characters, got {self.bad_words!r}"[:300]
+            )
+        self.bad_words = list(words) or None
+        for name in ("include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

@@ -111,7 +111,10 @@ class Scheduler:
                 kv_writes.append(seq)
                 n = 1
             else:
-                hits = bm.lookup_prefix(seq)
+                # positions whose prompt logprobs are still wanted are computed, not read from the cache
+                pl = seq.prompt_logprobs
+                wants = pl is not None and len(pl.logprobs) < seq.num_prompt_tokens - 1
+                hits = [] if wants else bm.lookup_prefix(seq)
                 cached = len(hits) * bm.block_size
                 n = min(len(seq.token_ids) - cached, budget)
                 if not bm.can_admit(hits, cached + n):

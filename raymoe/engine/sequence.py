@@ -6,7 +6,7 @@ import enum
 
 import torch
 
-from raymoe.engine.executor import TopLogprobs
+from raymoe.engine.executor import PromptLogprobs, TopLogprobs
 from raymoe.engine.sampling_params import SamplingParams
 
 
@@ -46,6 +46,8 @@ class Sequence:
         "max_total",
         "pending_kv",
         "stop_string_hit",
+        "prompt_logprobs",
+        "bad_word_ids",
     )
 
     def __init__(
@@ -80,6 +82,11 @@ class Sequence:
         self.max_total = min(self.num_prompt_tokens + params.max_tokens, max_model_len)
         self.pending_kv: torch.Tensor | None = None  # handed-off prompt KV, written on admission
         self.stop_string_hit = False
+        # prompt positions computed so far (params.prompt_logprobs), reported with the first token
+        self.prompt_logprobs: PromptLogprobs | None = (
+            PromptLogprobs([], [], [] if params.prompt_logprobs else None) if params.prompt_logprobs is not None else None
+        )
+        self.bad_word_ids: list[list[int]] | None = None  # params.bad_words tokenized (the engine, at admission)
 
     def __len__(self) -> int:
         return len(self.token_ids)

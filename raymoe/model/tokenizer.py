@@ -49,7 +49,7 @@ class Tokenizer:
         eos_id = self._id(eos_token, "eos_token")
         ids = ([] if eos_id is None else [eos_id]) + [i for i in extra_eos_token_ids if i != eos_id]
         self.eos_token_ids: list[int] = ids
-        self._template: Any = None
+        self._templates: dict[str, Any] = {}  # template source -> compiled
 
     def _id(self, token: str | None, field: str) -> int | None:
         if token is None:
@@ -134,16 +134,30 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def to_str(self) -> str:
+        """The tokenizer.json text (what a grammar library reads the vocabulary from)."""
+        return self._tok.to_str()
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
     def apply_chat_template(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **kwargs: Any,
     ) -> str:
-        """Render messages with the checkpoint's chat template (jinja2, sandboxed, as transformers does)."""
-        if self.chat_template is None:
+        """Render messages with the checkpoint's chat template, or `chat_template` (jinja2, sandboxed, as
+        transformers does)."""
+        source = chat_template if chat_template is not None else self.chat_template
+        if source is None:
             raise ValueError("this checkpoint's tokenizer_config.json has no chat_template")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise ValueError(f"messages[{i}] must be a dict with a 'role'")
-        if self._template is None:
+        template = self._templates.get(source)
+        if template is None:
             from jinja2.exceptions import TemplateError
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -152,8 +166,8 @@ class Tokenizer:
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
             env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(
+            template = self._templates[source] = env.from_string(source)
+        return template.render(
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from raymoe.engine.config import EngineConfig, kv_cache_tokens
 from raymoe.engine.executor import ModelInput, SamplerOutput
+from raymoe.engine.prompt_logprobs import compute_prompt_logprobs
 from raymoe.engine.sampler import Sampler
 from raymoe.eplb.placement import Placement
 from raymoe.eplb.recorder import ExpertLoadRecorder
@@ -334,6 +335,10 @@ class GPUWorker:
                 idx = inp.sample_indices.to(self.device)
                 logits = self.model.compute_logits(hidden[idx])
                 out = logits.cpu() if want_logits else self.sampler(logits, inp.sampling)
+            if inp.prompt_logprobs is not None and isinstance(out, SamplerOutput):
+                out.prompt_logprobs = compute_prompt_logprobs(
+                    self.model.compute_logits, hidden, inp.prompt_logprobs, self.config.vocab_size
+                )
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # this step's stream: a migration stages beside it
         return WorkerStepResult(out, self.ep.stats, time.perf_counter() - t0, self.migration_status(), commit_s)

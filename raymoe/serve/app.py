@@ -53,8 +53,9 @@ def _server(cls: type, unit: UnitConfig, policy: str, cfg: ServeConfig, config: 
 
     layout = unit.parallel
     actor = {
-        # a one-GPU unit holds its GPU; a multi-GPU unit's workers hold theirs (parallel runtime)
-        "num_gpus": 1 if unit.num_gpus == 1 else 0,
+        # a one-GPU unit's replica holds its GPU (its engine core does, with engine_process); a
+        # multi-GPU unit's workers hold theirs (parallel runtime)
+        "num_gpus": 1 if unit.num_gpus == 1 and not cfg.engine_process else 0,
         # the replica runs beside its unit's workers, on the node type they ask for
         "resources": {layout.node_resource: 0.001} if layout is not None and layout.node_resource else {},
     }

@@ -2,8 +2,9 @@
 
 The same requests (random token-id prompts of a fixed length, `max_tokens` generated with EOS
 ignored, so every run does identical work) arrive on a Poisson schedule (`--rate`, default: all
-at once) with at most C in flight, for each concurrency C. Each mode reports requests/s, output
-tokens/s, and TTFT / TPOT percentiles:
+at once) with at most C in flight, for each concurrency C. `--text-prompts` sends them as text,
+tokenized by the server, and reads the streamed text, so tokenization and detokenization are
+measured too. Each mode reports requests/s, output tokens/s, and TTFT / TPOT percentiles:
 
 - `engine`: the single-process `LLMEngine` stepped in this process (no HTTP, no Ray);
 - `disaggregated`: the app over HTTP (ingress -> prefill -> KV handoff -> decode);
@@ -80,7 +81,7 @@ def make_workload(n: int, prompt_len: int, vocab: int, seed: int, rate: float) -
 
 
 # --- the engine alone -------------------------------------------------------------------------
-def run_engine(engine: Any, prompts: list[list[int]], arrivals: list[float], max_tokens: int, concurrency: int, tag: str) -> RunResult:
+def run_engine(engine: Any, prompts: list[list[int]] | list[str], arrivals: list[float], max_tokens: int, concurrency: int, tag: str) -> RunResult:
     from raymoe.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -121,16 +122,26 @@ def run_engine(engine: Any, prompts: list[list[int]], arrivals: list[float], max
 
 
 # --- the HTTP endpoint ------------------------------------------------------------------------
-async def _one(client: Any, url: str, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
-    body = {
+def text_prompts(prompts: list[list[int]], tokenizer: Any) -> list[str]:
+    """The prompts as text (as `vllm bench serve`'s random dataset sends them): the server tokenizes,
+    so a prompt's length there may differ from its id count by a few tokens."""
+    return [tokenizer.decode(p) for p in prompts]
+
+
+async def _one(client: Any, url: str, model: str, prompt: list[int] | str, max_tokens: int) -> RequestResult:
+    """One streamed completion. Token-id prompts count the streamed ids; a text prompt is timed the
+    way `vllm bench serve` times it: first token at the first chunk with a choice, the count from
+    the usage chunk."""
+    text = isinstance(prompt, str)
+    body: dict[str, Any] = {
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
-        "return_token_ids": True,
     }
+    body.update({"stream_options": {"include_usage": True}} if text else {"return_token_ids": True})
     t0 = time.perf_counter()
     t_first: float | None = None
     n = 0
@@ -143,6 +154,12 @@ async def _one(client: Any, url: str, model: str, prompt: list[int], max_tokens:
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
+            if text:
+                if chunk["choices"] and t_first is None:
+                    t_first = time.perf_counter()
+                if chunk.get("usage"):
+                    n = chunk["usage"]["completion_tokens"]
+                continue
             k = len(chunk["choices"][0].get("token_ids") or [])
             if k and t_first is None:
                 t_first = time.perf_counter()
@@ -154,7 +171,7 @@ async def _one(client: Any, url: str, model: str, prompt: list[int], max_tokens:
 
 
 async def _run_http_async(
-    url: str, model: str, prompts: list[list[int]], arrivals: list[float], max_tokens: int, concurrency: int, mode: str
+    url: str, model: str, prompts: list[list[int]] | list[str], arrivals: list[float], max_tokens: int, concurrency: int, mode: str
 ) -> RunResult:
     import httpx
 
@@ -178,7 +195,7 @@ async def _run_http_async(
     return run
 
 
-def run_http(url: str, model: str, prompts: list[list[int]], arrivals: list[float], max_tokens: int, concurrency: int, mode: str) -> RunResult:
+def run_http(url: str, model: str, prompts: list[list[int]] | list[str], arrivals: list[float], max_tokens: int, concurrency: int, mode: str) -> RunResult:
     return asyncio.run(_run_http_async(url, model, prompts, arrivals, max_tokens, concurrency, mode))
 
 
@@ -230,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send requests through Serve's HTTP proxy instead of straight to the ingress replica",
     )
+    p.add_argument(
+        "--text-prompts",
+        action="store_true",
+        help="send the prompts as text and read the streamed text (tokens counted from the usage chunk), "
+        "as `vllm bench serve` does; the engine alone gets the same text",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write all results to this file")
     return p
@@ -259,19 +282,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     vocab = ModelConfig.from_checkpoint(model_path).vocab_size
     # fresh prompts for every (concurrency, repeat), the same for every mode: a repeat never finds its
     # prompts in a prefix cache filled by the one before (the engine alone and the app alike)
-    workloads = {
+    workloads: dict[tuple[int, int], tuple[list[list[int]] | list[str], list[float]]] = {
         (c, k): make_workload(
             args.num_prompts or max(8, 3 * c), args.prompt_len, vocab, args.seed + 1000 * k + c, args.rate
         )
         for c in levels
         for k in range(args.repeats)
     }
+    warm: list[list[int]] | list[str] = make_workload(2, args.prompt_len, vocab, args.seed + 10**6, float("inf"))[0]
+    if args.text_prompts:
+        from raymoe.model.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_checkpoint(model_path)
+        if tokenizer is None:
+            raise ValueError(f"--text-prompts: {model_path} has no tokenizer")
+        workloads = {key: (text_prompts(p, tokenizer), a) for key, (p, a) in workloads.items()}
+        warm = text_prompts(warm, tokenizer)
     print(
-        f"raymoe bench: {model}, prompts of {args.prompt_len} tokens, {args.max_tokens} generated, "
+        f"raymoe bench: {model}, {'text ' if args.text_prompts else ''}prompts of {args.prompt_len} tokens, "
+        f"{args.max_tokens} generated, "
         f"concurrency {levels}, modes {modes}",
         flush=True,
     )
-    warm, _ = make_workload(2, args.prompt_len, vocab, args.seed + 10**6, float("inf"))
     runners: dict[str, Any] = {}  # mode -> fn(prompts, arrivals, concurrency) -> RunResult
     cleanup: list[Any] = []
     try:

@@ -185,7 +185,8 @@ class UnitConfig(_Strict):
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of a CPU engine; default: Ray's")
     gil_switch_interval_ms: float = Field(
-        5.0, gt=0, le=100, description="sys.setswitchinterval of the replica process (CPython's default: 5 ms)"
+        5.0, gt=0, le=100, description="sys.setswitchinterval of the replica process (CPython's default: 5 ms); "
+        "matters with engine_process false, where the engine thread shares the replica's GIL"
     )
     engine: EngineSection = Field(default_factory=EngineSection)
     eplb: EplbSection = Field(default_factory=EplbSection)
@@ -301,6 +302,12 @@ class ServeConfig(_Strict):
         "WARNING", description="Serve log level of every replica (INFO logs each request on the hot path)"
     )
     access_log: bool = Field(False, description="Serve's per-request access log line in every replica")
+    engine_process: bool = Field(
+        True,
+        description="step each unit's engine in an engine-core process beside its replica (a Ray actor on the "
+        "replica's node, ZMQ IPC between them, as vLLM's API server and engine core); false: on a thread of "
+        "the replica, sharing its GIL with the event loop",
+    )
     single_event_loop: bool = Field(
         True,
         description="run each replica's user code and its outgoing-request router on the replica's main event "

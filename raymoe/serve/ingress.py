@@ -38,9 +38,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from raymoe.engine.config import resolve_max_model_len
-from raymoe.engine.executor import TopLogprobs
+from raymoe.engine.executor import PromptLogprobs, TopLogprobs
 from raymoe.engine.output_processor import IncrementalDetokenizer
 from raymoe.engine.sampling_params import SamplingParams
+from raymoe.engine.structured import StructuredOutputsParams, check_grammar
 from raymoe.serve import edge
 from raymoe.serve.config import ServeConfig
 from raymoe.serve.protocol import (
@@ -62,6 +63,7 @@ from raymoe.serve.protocol import (
     new_id,
     openai_finish_reason,
     parse_request,
+    prompt_logprobs_body,
     request_schemas,
     response_body,
     sse,
@@ -69,6 +71,13 @@ from raymoe.serve.protocol import (
     usage_chunk,
 )
 from raymoe.serve.server import OutputDelta, TokenChunk, _replica_id
+from raymoe.serve.tools import (
+    TOOL_CHAT_TEMPLATE,
+    ToolCallStream,
+    ToolTokens,
+    tool_call_grammar,
+    tools_system_prompt,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -185,6 +194,7 @@ class _Sample:
     sample: int
     prompt: list[int]
     params: SamplingParams
+    echo: str | None = None  # the prompt's text, with echo
 
 
 @dataclass(slots=True)
@@ -199,6 +209,7 @@ class _Choice:
     first: TokenChunk | None = None
     t_first: float = 0.0
     state: _Progress = field(default_factory=lambda: _Progress(t_last=0.0))
+    echo: str | None = None  # the prompt's text, with echo
 
     async def begin(self) -> None:
         """Wait for the first chunk (the prompt prefilled, the first token out)."""
@@ -223,6 +234,7 @@ class OpenAIIngress:
         path = Path(self.config.model.resolved_path())
         self.model_config = ModelConfig.from_checkpoint(path)
         self.tokenizer = Tokenizer.from_checkpoint(path)
+        self.tool_tokens = ToolTokens.of(self.tokenizer) if self.tokenizer is not None else None
         self.model_name = self.config.model.served_name()
         # what the units' engines admit: the same one default
         self.max_model_len = resolve_max_model_len(self.config.engine_config(self.config.decode), self.model_config)
@@ -265,7 +277,17 @@ class OpenAIIngress:
                 code="model_not_found",
             )
 
-    def _token_ids(self, prompt: str | list[int], param: str) -> list[int]:
+    def _token_ids(self, prompt: str | list[int], param: str, truncate: int | None = None) -> list[int]:
+        """The prompt's token ids, checked; `truncate` (vLLM's truncate_prompt_tokens): only the last that many."""
+        if truncate is not None:
+            if truncate >= self.max_model_len:
+                raise APIError(
+                    400, f"truncate_prompt_tokens={truncate} leaves no room to generate (max_model_len is "
+                    f"{self.max_model_len})", param="truncate_prompt_tokens",
+                )
+            if isinstance(prompt, str) and self.tokenizer is not None:
+                prompt = self.tokenizer.encode(prompt)  # a long text is cut after tokenizing, not refused
+            prompt = prompt[-truncate:]
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param=param)
@@ -321,27 +343,50 @@ class OpenAIIngress:
         vocab = self.model_config.vocab_size
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise APIError(400, f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        if params.allowed_token_ids and max(params.allowed_token_ids) >= vocab:
+            raise APIError(400, f"allowed_token_ids must be in [0, {vocab})", param="allowed_token_ids")
+        if params.bad_words and self.tokenizer is None:
+            raise APIError(400, "bad_words need a tokenizer; this model has none", param="bad_words")
         return params
 
-    def _token_text(self, token: int) -> str:
+    def _token_text(self, token: int, as_id: bool = False) -> str:
         """A token's text for logprobs; `token_id:N` (vLLM's spelling) when it is not text alone (a
-        piece of a UTF-8 character), so that distinct alternatives keep distinct keys."""
+        piece of a UTF-8 character), so that distinct alternatives keep distinct keys, or when the
+        request asks for ids (`return_tokens_as_token_ids`)."""
         if self.tokenizer is None:
             return f"<{token}>"
+        if as_id:
+            return f"token_id:{token}"
         text = self.tokenizer.decode([token])
         return f"token_id:{token}" if "\ufffd" in text else text
 
-    def _token_logprobs(self, chunk: TokenChunk) -> list[TokenLogprob]:
+    def _token_logprobs(self, chunk: TokenChunk, as_ids: bool) -> list[TokenLogprob]:
         """The chunk's tokens for a response's logprobs (the alternatives' texts decoded one by one)."""
         lps = chunk.logprobs or []
         tops = chunk.top_logprobs or [None] * len(lps)
+        text = self._token_text
         return [
             TokenLogprob(
-                self._token_text(t), lp,
-                [(self._token_text(i), v) for i, v in zip(top.token_ids, top.logprobs, strict=True)] if top else [],
+                text(t, as_ids), lp,
+                [(text(i, as_ids), v) for i, v in zip(top.token_ids, top.logprobs, strict=True)] if top else [],
             )
             for t, lp, top in zip(chunk.token_ids, lps, tops, strict=True)
         ]
+
+    def _prompt_token_logprobs(
+        self, prompt: list[int], plp: PromptLogprobs | None, top_n: int, as_ids: bool
+    ) -> list[TokenLogprob]:
+        """An echoed prompt's tokens for the completions logprobs: the first has no logprob (None), the
+        others theirs and their `top_n` alternatives, as the engine computed them (prompt_logprobs)."""
+        text = self._token_text
+        out = [TokenLogprob(text(prompt[0], as_ids), None, None)]
+        if plp is None:
+            return out
+        for i, lp in enumerate(plp.logprobs):
+            top = plp.top[i] if plp.top is not None else None
+            alts = [(text(t, as_ids), v) for t, v in zip(top.token_ids[:top_n], top.logprobs[:top_n], strict=True)] if top else []
+            out.append(TokenLogprob(text(prompt[i + 1], as_ids), lp, alts))
+        return out
 
     def _hold(self, params: SamplingParams) -> int:
         return max((len(s) for s in params.stop_strings), default=1) - 1
@@ -452,6 +497,7 @@ class OpenAIIngress:
                     [res.first_token_id], res.finished, res.finish_reason, res.text,
                     logprobs=[res.first_logprob] if res.first_logprob is not None else None,
                     top_logprobs=[res.first_top_logprobs] if params.top_logprobs else None,
+                    prompt_logprobs=res.prompt_logprobs,
                 )
                 if res.finished:
                     done = True
@@ -481,6 +527,7 @@ class OpenAIIngress:
                 ids: list[int] = []
                 lps: list[float] = []
                 tops: list[TopLogprobs | None] = []
+                plp: PromptLogprobs | None = None
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
@@ -491,10 +538,11 @@ class OpenAIIngress:
                     ids.extend(item.token_ids)
                     lps.extend(item.logprobs or ())
                     tops.extend(item.top_logprobs or ())
+                    plp = plp or item.prompt_logprobs
                 last = items[-1]
                 assert not isinstance(last, BaseException)
                 done = last.finished
-                yield TokenChunk(ids, done, last.finish_reason, last.text, lps or None, tops or None)
+                yield TokenChunk(ids, done, last.finish_reason, last.text, lps or None, tops or None, plp)
         except Exception as exc:
             raise self._translate(exc) from None
         finally:
@@ -538,7 +586,7 @@ class OpenAIIngress:
         t0 = time.perf_counter()
         choices = [
             _Choice(s.index, s.sample, s.prompt, s.params, self._events(f"{rid}-{s.index}" if len(samples) > 1 else rid,
-                                                                          s.prompt, s.params))
+                                                                          s.prompt, s.params), echo=s.echo)
             for s in samples
         ]
         prompt_tokens = sum(len(c.prompt) for c in choices if c.sample == 0)
@@ -570,10 +618,20 @@ class OpenAIIngress:
             record("cancelled")
             raise
         created = int(time.time())
+        as_ids = req.return_tokens_as_token_ids
+        # a prompt's samples share sample 0's prompt logprobs (only it computes them: the others hit the prefix cache)
+        first_of = {c.index: c.first for c in choices if c.sample == 0}
+
+        def prompt_lps(c: _Choice) -> PromptLogprobs | None:
+            first = first_of[c.index - c.sample]
+            return first.prompt_logprobs if first is not None else None
 
         async def chunks(c: _Choice) -> AsyncIterator[tuple[str, TokenChunk, list[TokenLogprob]]]:
-            detok = IncrementalDetokenizer(self.tokenizer, self._hold(c.params)) if self.tokenizer is not None else None
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, self._hold(c.params), c.params.skip_special_tokens)
             chunk: TokenChunk | None = c.first
+            echo = c.echo
             while chunk is not None:
                 c.state.tokens += len(chunk.token_ids)
                 c.state.t_last = time.perf_counter()
@@ -586,7 +644,14 @@ class OpenAIIngress:
                     text = detok.push(chunk.token_ids)
                 if chunk.finished:
                     c.state.reason = openai_finish_reason(chunk.finish_reason)
-                yield text, chunk, self._token_logprobs(chunk) if c.params.logprobs else []
+                lps = self._token_logprobs(chunk, as_ids) if c.params.logprobs else []
+                if echo is not None:  # the first chunk starts with the prompt (vLLM's echo; max_tokens 0: only it)
+                    echoed = []
+                    if c.params.logprobs and not chat:  # chat's echoed message has no logprobs (vLLM's)
+                        echoed = self._prompt_token_logprobs(c.prompt, prompt_lps(c), c.params.top_logprobs, as_ids)
+                    text, lps = (echo, echoed) if req.max_tokens == 0 else (echo + text, echoed + lps)
+                    echo = None
+                yield text, chunk, lps
                 if chunk.finished:
                     return
                 chunk = await c.events.__anext__()
@@ -609,15 +674,30 @@ class OpenAIIngress:
                 parts: list[str] = []
                 ids: list[int] = []
                 token_lps: list[TokenLogprob] = []
+                tools = self._tool_stream(req) if chat else None
+                calls: list[dict[str, Any]] = []
                 async for text, chunk, lps in chunks(c):
+                    if tools is not None:
+                        text, found = tools.push(chunk.token_ids, text)
+                        calls += [call.body() for call in found]
                     parts.append(text)
                     ids.extend(chunk.token_ids)
                     token_lps.extend(lps)
                 logprobs = None
                 if c.params.logprobs:
                     logprobs = chat_logprobs(token_lps) if chat else completion_logprobs(token_lps, 0)
-                build = chat_choice if chat else completion_choice
-                out = build(c.index, "".join(parts), c.state.reason, logprobs)
+                if tools is not None:
+                    rest, found = tools.finish()
+                    parts.append(rest)
+                    calls += [call.body() for call in found]
+                    if calls and c.state.reason == "stop":
+                        c.state.reason = "tool_calls"
+                if chat:
+                    out = chat_choice(c.index, "".join(parts), c.state.reason, logprobs, calls)
+                else:
+                    out = completion_choice(c.index, "".join(parts), c.state.reason, logprobs)
+                if not chat and req.num_prompt_logprobs() is not None:  # vLLM's: per choice on completions
+                    out["prompt_logprobs"] = self._prompt_logprobs_body(c, prompt_lps(c))
                 if want_ids:
                     out["token_ids"] = ids
                     if not chat and len(samples) > req.n:  # a batch: each choice names its prompt
@@ -636,6 +716,8 @@ class OpenAIIngress:
             finally:
                 await settle(tasks)
             out = response_body(rid, self.model_name, chat, bodies, usage_now(), created)
+            if chat and req.prompt_logprobs is not None:  # vLLM's: once for the conversation on chat
+                out["prompt_logprobs"] = self._prompt_logprobs_body(choices[0], prompt_lps(choices[0]))
             if want_ids and len(samples) == req.n:
                 out["prompt_token_ids"] = choices[0].prompt
             return JSONResponse(out)
@@ -647,8 +729,24 @@ class OpenAIIngress:
                     q.put_nowait(sse(chat_chunk(rid, self.model_name, c.index, {"role": "assistant", "content": ""},
                                                 None, created)))
                 offset = 0  # text_offset of the next token
+                tools = self._tool_stream(req) if chat else None
                 async for text, chunk, lps in chunks(c):
                     reason = c.state.reason if chunk.finished else None
+                    if tools is not None:  # content until the calls begin, then each call whole, in one delta
+                        before = tools.num_calls
+                        text, found = tools.push(chunk.token_ids, text)
+                        if chunk.finished:
+                            rest, more = tools.finish()
+                            text, found = text + rest, found + more
+                        if found:
+                            if text:
+                                q.put_nowait(sse(chat_chunk(rid, self.model_name, c.index, {"content": text}, None, created)))
+                                text = ""
+                            for i, call in enumerate(found, before):
+                                delta = {"tool_calls": [call.body(i)]}
+                                q.put_nowait(sse(chat_chunk(rid, self.model_name, c.index, delta, None, created)))
+                        if reason == "stop" and tools.num_calls:
+                            reason = c.state.reason = "tool_calls"
                     if not text and reason is None and not want_ids and not lps:
                         continue
                     logprobs = None
@@ -696,16 +794,25 @@ class OpenAIIngress:
 
         return _ClosingStream(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    def _prompt_logprobs_body(self, c: _Choice, plp: PromptLogprobs | None) -> list[Any] | None:
+        return prompt_logprobs_body(c.prompt, plp, self._token_text) if plp is not None else None
+
     # --- request preparation (on the `_prep` threads) ---------------------------------------------
     async def _prepared(self, fn: Callable[[bytes], Any], request: Request) -> Any:
         raw = await request.body()  # bounded by the edge
         return await asyncio.get_running_loop().run_in_executor(self._prep, fn, raw)
 
-    def _samples(self, req: Any, first: int, prompt: list[int], params: SamplingParams) -> list[_Sample]:
-        """The n samples of one prompt, choice indices first.. (OpenAI's: prompt i's samples are i*n..i*n+n-1)."""
+    def _samples(
+        self, req: Any, first: int, prompt: list[int], params: SamplingParams, echo: str | None = None
+    ) -> list[_Sample]:
+        """The n samples of one prompt, choice indices first.. (OpenAI's: prompt i's samples are i*n..i*n+n-1).
+        Only sample 0 computes the prompt's logprobs; the others reuse its prefilled KV and its logprobs."""
         self._check_vocab(params)
         return [
-            _Sample(first + j, j, prompt, params if j == 0 else replace(params, seed=req.sample_seed(j)))
+            _Sample(
+                first + j, j, prompt,
+                params if j == 0 else replace(params, seed=req.sample_seed(j), prompt_logprobs=None), echo,
+            )
             for j in range(req.n)
         ]
 
@@ -713,25 +820,84 @@ class OpenAIIngress:
         req: CompletionRequest = parse_request(raw, CompletionRequest, self.max_json_depth)
         self._check_model(req.model)
         samples: list[_Sample] = []
+        structured = req.structured_spec()
         for i, text in enumerate(req.prompts()):
-            prompt = self._token_ids(text, "prompt")
-            params = req.sampling_params(self._max_tokens(req.max_tokens, 16, len(prompt)))
-            samples += self._samples(req, i * req.n, prompt, params)
+            prompt = self._token_ids(text, "prompt", req.truncate_prompt_tokens)
+            # max_tokens 0 (with echo): one token is generated, as in vLLM, and only the prompt returned
+            max_tokens = self._max_tokens(1 if req.max_tokens == 0 else req.max_tokens, 16, len(prompt))
+            params = req.sampling_params(max_tokens, structured)
+            echo = None
+            if req.echo:
+                untouched = isinstance(text, str) and req.truncate_prompt_tokens is None
+                echo = text if untouched else self._decode(prompt, req.skip_special_tokens)
+            samples += self._samples(req, i * req.n, prompt, params, echo)
         return req, samples
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if self.tokenizer is None:
+            return "".join(f"<{t}>" for t in ids)
+        return self.tokenizer.decode(ids, skip_special_tokens)
+
+    def _tool_stream(self, req: ChatCompletionRequest) -> ToolCallStream | None:
+        """The tool-call reader of one choice of a request whose output may call tools."""
+        if not req.uses_tools() or self.tokenizer is None or self.tool_tokens is None:
+            return None
+        return ToolCallStream(self.tokenizer, self.tool_tokens, req.parallel_tool_calls is not False)
 
     def _prepare_chat(self, raw: bytes) -> tuple[ChatCompletionRequest, list[_Sample]]:
         req: ChatCompletionRequest = parse_request(raw, ChatCompletionRequest, self.max_json_depth)
         self._check_model(req.model)
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer (and no chat template)", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [m.template_message() for m in req.messages]
+        structured = req.structured_spec()
+        template = None
+        if req.uses_tools() or any(m["tool_calls"] or m["role"] == "tool" for m in messages):
+            structured = self._tool_prompt(req, messages, structured)
+            template = TOOL_CHAT_TEMPLATE
         try:
-            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
         except Exception as exc:  # a template error is about these messages
             raise APIError(400, f"messages cannot be rendered by the chat template: {exc}", param="messages") from None
-        prompt = self._token_ids(rendered, "messages")
+        prompt = self._token_ids(rendered, "messages", req.truncate_prompt_tokens)
         requested = req.max_completion_tokens or req.max_tokens
-        return req, self._samples(req, 0, prompt, req.sampling_params(self._max_tokens(requested, None, len(prompt))))
+        params = req.sampling_params(self._max_tokens(requested, None, len(prompt)), structured)
+        # vLLM's chat echo: the reply starts with the last message's content when that is the assistant's
+        last = req.messages[-1]
+        echo = last.text() if req.echo and last.role == "assistant" and last.text() else None
+        return req, self._samples(req, 0, prompt, params, echo)
+
+    def _tool_prompt(
+        self, req: ChatCompletionRequest, messages: list[dict[str, Any]], structured: StructuredOutputsParams | None
+    ) -> StructuredOutputsParams | None:
+        """Describe the tools in the system prompt (in place) and, for tool_choice required or a named
+        function, the grammar that forces the calls (their arguments following `parameters`)."""
+        if self.tool_tokens is None:
+            raise APIError(400, "this model's tokenizer has no DeepSeek-V3 tool-call tokens", param="tools")
+        if not req.uses_tools():
+            return structured
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        system = tools_system_prompt(tools)
+        # DeepSeek-V3's template takes the last system message as the system prompt
+        last = max((i for i, m in enumerate(messages) if m["role"] == "system"), default=None)
+        if last is not None:
+            messages[last] = {**messages[last], "content": f"{messages[last]['content']}\n\n{system}"}
+        else:
+            messages.insert(0, {"role": "system", "content": system, "tool_calls": None})
+        forced, name = req.forced_tool()
+        if not forced:
+            return structured
+        if structured is not None:
+            raise APIError(400, "tool_choice required or named cannot be combined with response_format or guided_*",
+                           param="tool_choice")
+        spec = StructuredOutputsParams(
+            grammar=tool_call_grammar(tools, name, req.parallel_tool_calls is not False, self.tool_tokens)
+        )
+        try:
+            check_grammar(spec)
+        except ValueError as exc:
+            raise APIError(400, f"tools: a function's parameters cannot be compiled: {exc}", param="tools") from None
+        return spec
 
     # --- routes --------------------------------------------------------------------------------
     @api.post("/v1/completions", openapi_extra=_request_body("/v1/completions"))

@@ -12,20 +12,25 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raymoe.engine.executor import PromptLogprobs
 from raymoe.engine.sampling_params import (
     INT64_MAX,
     INT64_MIN,
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_TOKEN_IDS,
     MAX_TOP_LOGPROBS,
     SamplingParams,
 )
+from raymoe.engine.structured import StructuredOutputsParams, check_grammar
 
 
 class APIError(Exception):
@@ -130,30 +135,45 @@ class _SamplingFields(BaseModel):
     )
     min_tokens: int = Field(0, ge=0, le=INT64_MAX, description="vLLM's: no EOS or stop token before this many")
     best_of: int | None = Field(None, ge=1, le=128, description=_NOT_SUPPORTED)
-    response_format: dict[str, Any] | None = Field(None, description=_NOT_SUPPORTED + " (type text is the default)")
+    response_format: dict[str, Any] | None = Field(
+        None, description="text, json_object or json_schema ({name, schema, strict}): the output follows it"
+    )
     user: str | None = None
     return_token_ids: bool = Field(False, description="vLLM's extension: choices[].token_ids in the response")
+    min_p: float = Field(0.0, ge=0, le=1, description="vLLM's: drop tokens less likely than min_p x the most likely")
+    include_stop_str_in_output: bool = Field(False, description="vLLM's: keep the matched stop string in the text")
+    skip_special_tokens: bool = Field(True, description="vLLM's: false shows special tokens (EOS...) in the text")
+    spaces_between_special_tokens: bool = Field(
+        True, description="vLLM's: false joins adjacent special tokens (DeepSeek-V3's decoder never adds a space)"
+    )
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=1, le=INT64_MAX, description="vLLM's: keep only the prompt's last this many tokens"
+    )
+    allowed_token_ids: list[int] | None = Field(
+        None, min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS, description="vLLM's: only these tokens can be drawn"
+    )
+    bad_words: list[str] | None = Field(
+        None, max_length=MAX_BAD_WORDS, description="vLLM's: words (one or more tokens) never generated"
+    )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS,
+        description="vLLM's: each prompt token's logprob and rank, with this many alternatives (not with stream)",
+    )
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM's: logprobs name tokens `token_id:N`")
     # vLLM's extensions that raymoe does not honour yet: each is refused by name unless its default
-    min_p: float = Field(0.0, ge=0, le=1, description=_NOT_SUPPORTED)
     use_beam_search: bool = Field(False, description=_NOT_SUPPORTED)
     length_penalty: float = Field(1.0, description=_NOT_SUPPORTED)
-    include_stop_str_in_output: bool = Field(False, description=_NOT_SUPPORTED)
-    skip_special_tokens: bool = Field(True, description=_NOT_SUPPORTED)
-    spaces_between_special_tokens: bool = Field(True, description=_NOT_SUPPORTED)
-    truncate_prompt_tokens: int | None = Field(None, description=_NOT_SUPPORTED)
-    allowed_token_ids: list[int] | None = Field(None, description=_NOT_SUPPORTED)
-    bad_words: list[str] | None = Field(None, description=_NOT_SUPPORTED)
-    prompt_logprobs: int | None = Field(None, description=_NOT_SUPPORTED)
-    guided_json: str | dict[str, Any] | None = Field(None, description=_NOT_SUPPORTED)
-    guided_regex: str | None = Field(None, description=_NOT_SUPPORTED)
-    guided_choice: list[str] | None = Field(None, description=_NOT_SUPPORTED)
-    guided_grammar: str | None = Field(None, description=_NOT_SUPPORTED)
-    guided_decoding_backend: str | None = Field(None, description=_NOT_SUPPORTED)
-    guided_whitespace_pattern: str | None = Field(None, description=_NOT_SUPPORTED)
-    structured_outputs: dict[str, Any] | None = Field(None, description=_NOT_SUPPORTED)
+    guided_json: str | dict[str, Any] | None = Field(None, description="vLLM's: the output follows this JSON schema")
+    guided_regex: str | None = Field(None, description="vLLM's: the output matches this regex")
+    guided_choice: list[str] | None = Field(None, description="vLLM's: the output is one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM's: the output follows this grammar (Lark or GBNF)")
+    guided_decoding_backend: str | None = Field(None, description="vLLM's: auto, guidance or llguidance (the one here)")
+    guided_whitespace_pattern: str | None = Field(None, description="vLLM's: the whitespace JSON output may use")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM 0.11's: one of json, regex, choice, grammar, json_object (+ whitespace options)"
+    )
     priority: int = Field(0, description=_NOT_SUPPORTED)
     logits_processors: list[Any] | None = Field(None, description=_NOT_SUPPORTED)
-    return_tokens_as_token_ids: bool = Field(False, description=_NOT_SUPPORTED)
     cache_salt: str | None = Field(None, description=_NOT_SUPPORTED)
     request_id: str | None = Field(None, description=_NOT_SUPPORTED)
     kv_transfer_params: dict[str, Any] | None = Field(None, description=_NOT_SUPPORTED)
@@ -162,27 +182,10 @@ class _SamplingFields(BaseModel):
     # field -> the values that ask for nothing; anything else is a 400 naming the field (see
     # `_refuse_unsupported`). A feature leaves this table when it is implemented.
     _OFF: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "response_format": (None, {"type": "text"}),
-        "min_p": (0.0,),
         "use_beam_search": (False,),
         "length_penalty": (1.0,),
-        "include_stop_str_in_output": (False,),
-        "skip_special_tokens": (True,),
-        "spaces_between_special_tokens": (True,),
-        "truncate_prompt_tokens": (None,),
-        "allowed_token_ids": (None,),
-        "bad_words": (None, []),
-        "prompt_logprobs": (None,),
-        "guided_json": (None,),
-        "guided_regex": (None,),
-        "guided_choice": (None,),
-        "guided_grammar": (None,),
-        "guided_decoding_backend": (None,),
-        "guided_whitespace_pattern": (None,),
-        "structured_outputs": (None,),
         "priority": (0,),
         "logits_processors": (None, []),
-        "return_tokens_as_token_ids": (False,),
         "cache_salt": (None,),
         "request_id": (None,),
         "kv_transfer_params": (None,),
@@ -197,6 +200,8 @@ class _SamplingFields(BaseModel):
                 param="best_of", code="unsupported_parameter",
             )
         _refuse_unsupported(self, self._OFF)
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError(400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs")
         return self
 
     @field_validator("stop")
@@ -230,13 +235,62 @@ class _SamplingFields(BaseModel):
         """None: no logprobs; N: each token's logprob and its N most likely alternatives."""
         return None
 
+    def num_prompt_logprobs(self) -> int | None:
+        """None: no prompt logprobs; N: each prompt token's logprob and its N most likely alternatives."""
+        return self.prompt_logprobs
+
     def sample_seed(self, sample: int) -> int | None:
         """Sample i of n draws with seed + i (vLLM's children): distinct, each reproducible; wraps within int64."""
         if self.seed is None:
             return None
         return (self.seed + sample - INT64_MIN) % (1 << 64) + INT64_MIN
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def structured_spec(self) -> StructuredOutputsParams | None:
+        """The grammar the output must follow (response_format, guided_*, structured_outputs: at most one),
+        checked to compile; APIError(400) naming the field otherwise."""
+        specs: list[tuple[str, StructuredOutputsParams]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                specs.append(("response_format", StructuredOutputsParams(json_object=True)))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                    raise APIError(400, "response_format.json_schema.schema must be a JSON schema object",
+                                   param="response_format.json_schema.schema")
+                specs.append(("response_format.json_schema.schema", StructuredOutputsParams(json=js["schema"])))
+            elif kind != "text":
+                raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                               param="response_format.type", code="unsupported_parameter")
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                specs.append((name, StructuredOutputsParams(**{key: value})))
+        if self.structured_outputs is not None:
+            specs.append(_structured_outputs(self.structured_outputs))
+        if self.guided_decoding_backend not in (None, "auto", "guidance", "llguidance"):
+            raise APIError(
+                400, f"guided_decoding_backend={self.guided_decoding_backend!r}: this server's backend is llguidance "
+                "(auto, guidance or llguidance)", param="guided_decoding_backend", code="unsupported_parameter",
+            )
+        if len(specs) > 1:
+            raise APIError(400, f"{specs[1][0]}: only one of response_format, guided_* and structured_outputs "
+                           f"may constrain the output (also given: {specs[0][0]})", param=specs[1][0])
+        if not specs:
+            return None
+        param, spec = specs[0]
+        if self.guided_whitespace_pattern is not None:
+            spec.whitespace_pattern = self.guided_whitespace_pattern
+        try:
+            check_grammar(spec)
+        except ValueError as exc:
+            raise APIError(400, f"{param}: {exc}", param=param) from None
+        return spec
+
+    def sampling_params(self, max_tokens: int, structured: StructuredOutputsParams | None = None) -> SamplingParams:
+        """`structured`: the grammar (already checked) from `structured_spec` or a tool choice."""
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -252,16 +306,63 @@ class _SamplingFields(BaseModel):
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
                 min_tokens=self.min_tokens,
+                structured_outputs=structured,
                 logprobs=self.num_logprobs() is not None,
                 top_logprobs=self.num_logprobs() or 0,
+                prompt_logprobs=self.num_prompt_logprobs(),
+                min_p=self.min_p,
+                allowed_token_ids=self.allowed_token_ids,
+                bad_words=self.bad_words,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                skip_special_tokens=self.skip_special_tokens,
+                spaces_between_special_tokens=self.spaces_between_special_tokens,
             )
         except ValueError as exc:
             raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
 
 
+_STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+# vLLM's StructuredOutputsParams fields and the values of those honoured only at their default
+_STRUCTURED_OPTIONS = {
+    "disable_fallback": (None, False, True),  # one backend: there is nothing to fall back to
+    "disable_any_whitespace": (None, False, True),
+    "disable_additional_properties": (None, False),
+    "whitespace_pattern": None,
+    "structural_tag": (None,),
+}
+
+
+def _structured_outputs(so: dict[str, Any]) -> tuple[str, StructuredOutputsParams]:
+    """vLLM 0.11's `structured_outputs` object as (its field's name, the spec); APIError naming a bad key."""
+    for key, value in so.items():
+        if key in _STRUCTURED_KEYS:
+            continue
+        if key not in _STRUCTURED_OPTIONS:
+            raise APIError(400, f"structured_outputs.{key} is not a structured-output field", param=f"structured_outputs.{key}")
+        allowed = _STRUCTURED_OPTIONS[key]
+        if allowed is not None and not any(value == v and type(value) is type(v) for v in allowed):
+            raise APIError(400, f"structured_outputs.{key}={json.dumps(value)[:200]} is not supported by this server",
+                           param=f"structured_outputs.{key}", code="unsupported_parameter")
+    given = [k for k in _STRUCTURED_KEYS if so.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise APIError(400, f"structured_outputs needs exactly one of {', '.join(_STRUCTURED_KEYS)}",
+                       param="structured_outputs")
+    spec = StructuredOutputsParams(
+        **{given[0]: so[given[0]]},
+        whitespace_flexible=so.get("disable_any_whitespace") is False,
+        whitespace_pattern=so.get("whitespace_pattern"),
+    )
+    try:
+        spec.validate()
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=f"structured_outputs.{given[0]}") from None
+    return f"structured_outputs.{given[0]}", spec
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = Field(False, description=_NOT_SUPPORTED)
+    max_tokens: int | None = Field(None, ge=0, le=INT64_MAX, description="0 with echo: the prompt alone (16 if unset)")
+    echo: bool = Field(False, description="the choice's text (and logprobs) start with the prompt's")
     logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="each token's logprob and this many most likely alternatives"
     )
@@ -271,7 +372,6 @@ class CompletionRequest(_SamplingFields):
 
     _OFF: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_SamplingFields._OFF,
-        "echo": (False,),
         "suffix": (None,),
         "add_special_tokens": (True,),
         "prompt_embeds": (None,),
@@ -286,8 +386,20 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt is a string, a list of token ids, or a list of strings or of token id lists")
         return v
 
+    @model_validator(mode="after")
+    def _echo_only(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo: the prompt alone)", param="max_tokens")
+        return self
+
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def num_prompt_logprobs(self) -> int | None:
+        """vLLM's: echo with logprobs needs the prompt's logprobs, as many alternatives as `logprobs`."""
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts: one text, one token list, or a batch of either (one choice each x n)."""
@@ -312,12 +424,47 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionDef(BaseModel):
+    """A tool's function: its name, what it does and its arguments' JSON schema."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = Field(None, description="accepted: with tool_choice required or named, arguments always follow parameters")
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str | dict[str, Any]
+
+    def arguments_text(self) -> str:
+        return self.arguments if isinstance(self.arguments, str) else json.dumps(self.arguments, ensure_ascii=False)
+
+
+class ToolCallIn(BaseModel):
+    """A call an earlier assistant turn made (in the history)."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, description="accepted; the chat template does not render it")
-    tool_calls: list[dict[str, Any]] | None = Field(None, description=_NOT_SUPPORTED)
+    tool_calls: list[ToolCallIn] | None = Field(None, description="an assistant turn's calls (rendered in DeepSeek-V3's format)")
+    tool_call_id: str | None = Field(None, description="a tool message's call (accepted; results render in order)")
     function_call: dict[str, Any] | None = Field(None, description=_NOT_SUPPORTED)
 
     def text(self) -> str:
@@ -330,6 +477,14 @@ class ChatMessage(BaseModel):
     def num_chars(self) -> int:
         return len(self.content) if isinstance(self.content, str) else sum(len(p.text) for p in self.content or [])
 
+    def template_message(self) -> dict[str, Any]:
+        """The message as the chat template reads it (tool calls with their arguments as JSON text)."""
+        calls = [
+            {"type": c.type, "function": {"name": c.function.name, "arguments": c.function.arguments_text()}}
+            for c in self.tool_calls or []
+        ]
+        return {"role": self.role, "content": self.text(), "tool_calls": calls or None}
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -338,12 +493,14 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: this many most likely alternatives per token"
     )
-    tools: list[dict[str, Any]] | None = Field(None, description=_NOT_SUPPORTED)
-    tool_choice: str | dict[str, Any] | None = Field(None, description=_NOT_SUPPORTED + " (none is the default)")
-    parallel_tool_calls: bool | None = Field(None, description=_NOT_SUPPORTED)
+    tools: list[ToolDef] | None = Field(None, description="functions the model may call (DeepSeek-V3's tool-call format)")
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description='none, auto (the default with tools), required, or {"type": "function", "function": {"name"}}'
+    )
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per turn")
     functions: list[dict[str, Any]] | None = Field(None, description=_NOT_SUPPORTED)
     function_call: str | dict[str, Any] | None = Field(None, description=_NOT_SUPPORTED)
-    echo: bool = Field(False, description=_NOT_SUPPORTED)
+    echo: bool = Field(False, description="vLLM's: the reply starts with the last message's content if the assistant's")
     add_generation_prompt: bool = Field(True, description=_NOT_SUPPORTED)
     continue_final_message: bool = Field(False, description=_NOT_SUPPORTED)
     add_special_tokens: bool = Field(False, description=_NOT_SUPPORTED)
@@ -362,12 +519,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     _OFF: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_SamplingFields._OFF,
-        "tools": (None, []),
-        "tool_choice": (None, "none"),
-        "parallel_tool_calls": (None, True, False),
         "functions": (None, []),
         "function_call": (None, "none"),
-        "echo": (False,),
         "add_generation_prompt": (True,),
         "continue_final_message": (False,),
         "add_special_tokens": (False,),
@@ -393,8 +546,32 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         for i, m in enumerate(self.messages):
-            _refuse_unsupported(m, {"tool_calls": (None, []), "function_call": (None,)}, f"messages.{i}.")
+            _refuse_unsupported(m, {"function_call": (None,)}, f"messages.{i}.")
+        self.forced_tool()  # tool_choice checked against the tools
         return self
+
+    def uses_tools(self) -> bool:
+        """Whether the tools are rendered into the prompt and the output parsed for calls (tool_choice not none)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def forced_tool(self) -> tuple[bool, str | None]:
+        """(whether a call is forced, the function it must call or None for any); APIError for a bad tool_choice."""
+        choice = self.tool_choice
+        names = [t.function.name for t in self.tools or []]
+        if choice is None or choice in ("none", "auto"):
+            return False, None
+        if choice == "required":
+            if not names:
+                raise APIError(400, "tool_choice required needs tools", param="tool_choice")
+            return True, None
+        fn = choice.get("function") if isinstance(choice, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+            raise APIError(400, 'tool_choice is none, auto, required or {"type": "function", "function": {"name": ...}}',
+                           param="tool_choice")
+        if name not in names:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+        return True, name
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -481,11 +658,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 @dataclass(slots=True)
 class TokenLogprob:
-    """One output token for the logprobs of a response: its text, logprob and the alternatives (text, logprob)."""
+    """One token for the logprobs of a response: its text, logprob and the alternatives (text, logprob).
+    An echoed prompt's first token has neither (None: nothing predicts it)."""
 
     token: str
-    logprob: float
-    top: list[tuple[str, float]]
+    logprob: float | None
+    top: list[tuple[str, float]] | None
 
 
 def completion_logprobs(tokens: list[TokenLogprob], offset: int) -> dict[str, Any]:
@@ -497,9 +675,26 @@ def completion_logprobs(tokens: list[TokenLogprob], offset: int) -> dict[str, An
     return {
         "tokens": [t.token for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [dict(t.top) for t in tokens],
+        "top_logprobs": [dict(t.top) if t.top is not None else None for t in tokens],
         "text_offset": offsets,
     }
+
+
+def prompt_logprobs_body(
+    prompt: list[int], plp: PromptLogprobs, text: Callable[[int], str]
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per position token id (as a string)
+    -> {logprob, rank, decoded_token} for the prompt token and each alternative (-inf as -9999.0)."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for i, (lp, rank) in enumerate(zip(plp.logprobs, plp.ranks, strict=True)):
+        entry: dict[str, dict[str, Any]] = {}
+        token = prompt[i + 1]
+        entry[str(token)] = {"logprob": max(lp, -9999.0), "rank": rank, "decoded_token": text(token)}
+        if plp.top is not None:
+            for r, (t, v) in enumerate(zip(plp.top[i].token_ids, plp.top[i].logprobs, strict=True), start=1):
+                entry.setdefault(str(t), {"logprob": max(v, -9999.0), "rank": r, "decoded_token": text(t)})
+        out.append(entry)
+    return out
 
 
 def _utf8(text: str) -> list[int]:
@@ -514,7 +709,7 @@ def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
                 "token": t.token,
                 "logprob": t.logprob,
                 "bytes": _utf8(t.token),
-                "top_logprobs": [{"token": s, "logprob": lp, "bytes": _utf8(s)} for s, lp in t.top],
+                "top_logprobs": [{"token": s, "logprob": lp, "bytes": _utf8(s)} for s, lp in t.top or ()],
             }
             for t in tokens
         ],
@@ -526,10 +721,16 @@ def completion_choice(index: int, text: str, finish_reason: str | None, logprobs
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+def chat_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
     return {
         "index": index,
-        "message": {"role": "assistant", "content": text},
+        "message": message,
         "logprobs": logprobs,
         "finish_reason": finish_reason,
     }

@@ -1,10 +1,12 @@
 """The replicas: one Serve replica = one deployment unit driving one `LLMEngine`.
 
-The engine steps in a dedicated thread (one thread owns it: add, abort, step and export all
-run there, in order), while the replica's asyncio loop takes requests and hands each request's
-outputs to its queue. For a multi-GPU unit the engine runs on the executor that
+The engine steps in its own engine-core process beside the replica (`raymoe.serve.engine_core`:
+add, abort, step and export all run there, in order; one msgspec-encoded batch per step comes
+back over ZMQ IPC), or with `engine_process: false` on a thread of the replica. The replica's
+asyncio loop takes requests and hands each request's outputs to its queue or its subscriber's
+stream. For a multi-GPU unit the engine runs on the executor that
 `raymoe.executors.build_executor(engine_config, unit.parallel_config())` builds (the
-expert-parallel runtime's workers); nothing else here changes.
+expert-parallel runtime's workers, created by the engine-core actor); nothing else here changes.
 
 - `PrefillServer.prefill`: runs the prompt, returns the first token and a KV ticket.
 - `DecodeServer.decode`: receives the KV, joins the decode batch, holds the request until it ends.
@@ -24,19 +26,24 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from raymoe.engine.executor import TopLogprobs
-from raymoe.engine.llm_engine import LLMEngine
-from raymoe.engine.outputs import KVHandoff, RequestOutput
+from raymoe.engine.executor import PromptLogprobs, TopLogprobs
+from raymoe.engine.outputs import EngineStats, KVHandoff, RequestOutput
 from raymoe.engine.sampling_params import SamplingParams
-from raymoe.eplb.migration import ExpertHost, MigrationError, MigrationResult
+from raymoe.eplb.migration import MigrationError, MigrationResult
 from raymoe.eplb.placement import Placement
 from raymoe.eplb.tracker import ExpertState, imbalance_of
-from raymoe.executors import build_executor
 from raymoe.serve.config import ServeConfig, UnitConfig
+from raymoe.serve.engine_core import (
+    EngineClient,
+    EngineCore,
+    ExpertSnapshot,
+    ProcessEngineClient,
+    StepBatch,
+    ThreadEngineClient,
+)
 from raymoe.serve.kv_transport import KVTicket, make_transport
 from raymoe.serve.protocol import QueueFullError, RequestRejected, UnitUnavailable
 
@@ -53,6 +60,7 @@ class TokenChunk:
     text: str | None = None  # whole output text, on the finishing chunk
     logprobs: list[float] | None = None  # per token, with params.logprobs
     top_logprobs: list[TopLogprobs | None] | None = None  # per token, with params.top_logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # with params.prompt_logprobs, on the first chunk
 
 
 @dataclass(slots=True)
@@ -69,6 +77,7 @@ class OutputDelta:
     error_kind: Literal["unavailable", "rejected"] | None = None
     logprobs: list[float] | None = None  # per token, with params.logprobs
     top_logprobs: list[TopLogprobs | None] | None = None  # per token, with params.top_logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # with params.prompt_logprobs, on the request's first delta
 
 
 def _output_batch(rows: list[tuple[Any, ...]]) -> OutputBatch:
@@ -88,7 +97,7 @@ class OutputBatch:
     def __reduce__(self) -> tuple[Any, ...]:
         rows = [
             (d.request_id, d.token_ids, d.finished, d.finish_reason, d.text, d.error, d.error_kind, d.logprobs,
-             d.top_logprobs)
+             d.top_logprobs, d.prompt_logprobs)
             for d in self.deltas
         ]
         return (_output_batch, (rows,))
@@ -133,6 +142,7 @@ class PrefillResult:
     ticket: KVTicket | None  # None when finished
     first_logprob: float | None = None  # with params.logprobs
     first_top_logprobs: TopLogprobs | None = None  # with params.top_logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # with params.prompt_logprobs (computed by this prefill)
 
 
 def _replica_id() -> str:
@@ -147,7 +157,7 @@ def _replica_id() -> str:
 
 
 class EngineServer:
-    """Common part: the engine thread, the step loop, per-request queues, stats and gauges."""
+    """Common part: the engine core's client, per-request queues and streams, stats and gauges."""
 
     role = "llm"
 
@@ -156,24 +166,24 @@ class EngineServer:
         self.config = cfg
         unit: UnitConfig = cfg.units()[self.role]
         self.unit = unit
-        if unit.torch_threads is not None:
-            import torch
-
-            torch.set_num_threads(unit.torch_threads)
         ec = cfg.engine_config(unit)
-        self.engine = LLMEngine(ec, build_executor(ec, unit.parallel_config()))
+        self.core: EngineClient
+        if cfg.engine_process:
+            gpus = 1 if unit.num_gpus == 1 else 0  # a one-GPU unit's GPU is its engine core's
+            self.core = ProcessEngineClient(ec, unit.parallel_config(), unit.torch_threads, gpus, cfg.metrics_interval_s)
+        else:
+            self.core = ThreadEngineClient(EngineCore.build(ec, unit.parallel_config(), unit.torch_threads),
+                                           cfg.metrics_interval_s)
         self.replica = _replica_id()
-        # the engine thread drops the GIL in every torch op and must win it back from the replica's
-        # event loops streaming tokens; a shorter switch interval trades loop latency for step time
+        # with the engine on a thread here, it drops the GIL in every torch op and must win it back
+        # from the event loop streaming tokens: a shorter switch interval trades loop latency for step time
         sys.setswitchinterval(unit.gil_switch_interval_ms / 1000.0)
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"raymoe-{self.role}-engine")
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}  # requests answered by one output
         self._streamed: dict[str, _Streamed] = {}  # requests whose tokens go through stream_outputs
         self._outboxes: dict[str, _Outbox] = {}  # subscriber -> its pending deltas
         self._handoffs: dict[str, KVHandoff] = {}
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task[None] | None = None
-        self._stats = self.engine.stats()
+        self._loop_task: asyncio.Task[None] | None = None  # stepping (thread) or reading the core (process)
+        self._stats: EngineStats | None = None  # after the latest step
         self._metrics: Any = None
         self._last_publish = 0.0
         self._steps = 0
@@ -183,27 +193,40 @@ class EngineServer:
         self._migrations = 0  # expert migrations this replica committed
         self._start_tracker()
 
-    # --- the engine thread ---------------------------------------------------------------------
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+    # --- the engine core's news (on the replica's event loop) ---------------------------------
+    def _deliver(self, batch: StepBatch, handoffs: list[KVHandoff]) -> None:
+        """One step's outputs: each to its request's queue or its subscriber's outbox."""
+        self._stats = batch.stats
+        self._steps, self._step_seconds, self._step_batch = batch.steps, batch.step_seconds, batch.step_batch
+        for h in handoffs:
+            self._handoffs[h.request_id] = h
+        for out in batch.outputs:
+            st = self._streamed.get(out.request_id)
+            if st is not None and out.error is not None:  # it failed alone: a 400-type error event
+                logger.info("%s replica %s: request %s failed: %s", self.role, self.replica, out.request_id, out.error)
+                self._fail_streamed(out.request_id, st, RequestRejected(out.error))
+                continue
+            if st is not None:
+                urgent = out.finished or not st.started
+                st.started = st.started or bool(out.new_token_ids)
+                st.outbox.push(
+                    OutputDelta(out.request_id, out.new_token_ids, out.finished, out.finish_reason,
+                                out.text if out.finished else None, logprobs=out.new_logprobs,
+                                top_logprobs=out.new_top_logprobs, prompt_logprobs=out.prompt_logprobs),
+                    urgent,
+                )
+                if out.finished:
+                    del self._streamed[out.request_id]
+                    st.done.set()
+                continue
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+        self._publish()
 
-    def _step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
-        outs = self.engine.step()
-        if self.engine.last_step_ran:
-            dt = time.perf_counter() - t0
-            self._steps += 1
-            self._step_seconds += dt
-            self._step_batch += self._stats.running
-        for out in outs:
-            if out.finished and self.engine.requests.get(out.request_id) is not None:
-                # a finished prefill_only request keeps its blocks: export them now, or free them
-                if out.finish_reason == "prefill":
-                    self._handoffs[out.request_id] = self.engine.export_kv(out.request_id)
-                else:
-                    self.engine.abort_request(out.request_id)
-        self._stats = self.engine.stats()
-        return outs
+    def _idle(self) -> None:
+        """The engine has no work: publish and do the timed housekeeping anyway."""
+        self._publish(force=True)
 
     def _unavailable(self) -> UnitUnavailable:
         return UnitUnavailable(
@@ -233,48 +256,7 @@ class EngineServer:
         if self._failure is not None:
             raise self._unavailable()
         if self._loop_task is None or self._loop_task.done():
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        assert self._wake is not None
-        while True:
-            if not self.engine.has_unfinished_requests():
-                self._publish(force=True)
-                self._wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.config.metrics_interval_s)
-                continue
-            try:
-                outs = await self._call(self._step)
-            except Exception as exc:
-                self._fail_all(exc)
-                raise
-            for out in outs:
-                st = self._streamed.get(out.request_id)
-                if st is not None and out.error is not None:  # it failed alone: a 400-type error event
-                    logger.info("%s replica %s: request %s failed: %s", self.role, self.replica, out.request_id, out.error)
-                    self._fail_streamed(out.request_id, st, RequestRejected(out.error))
-                    continue
-                if st is not None:
-                    urgent = out.finished or not st.started
-                    st.started = st.started or bool(out.new_token_ids)
-                    st.outbox.push(
-                        OutputDelta(out.request_id, out.new_token_ids, out.finished, out.finish_reason,
-                                    out.text if out.finished else None, logprobs=out.new_logprobs,
-                                    top_logprobs=out.new_top_logprobs),
-                        urgent,
-                    )
-                    if out.finished:
-                        del self._streamed[out.request_id]
-                        st.done.set()
-                    continue
-                q = self._queues.get(out.request_id)
-                if q is not None:
-                    q.put_nowait(out)
-            if not outs and not self.engine.last_step_ran:
-                await asyncio.sleep(0.002)  # nothing could be scheduled (cache full): let aborts land
-            self._publish()
+            self._loop_task = self.core.start(self)
 
     def metrics(self) -> Any:
         if self._metrics is None:
@@ -291,7 +273,8 @@ class EngineServer:
         self._reap_subscribers(now)
         self._tick(now)
         s = self._stats
-        self.metrics().engine(s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_free)
+        if s is not None:
+            self.metrics().engine(s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_free)
 
     # --- requests --------------------------------------------------------------------------------
     def _check_room(self) -> None:
@@ -299,7 +282,7 @@ class EngineServer:
         self._ensure_loop()
         # in flight beyond what the engine can run at once is waiting; counted here, not from the
         # last step's stats, so a burst between two steps is bounded too
-        running_capacity = self.unit.engine.max_num_seqs * self.engine.dp_size
+        running_capacity = self.unit.engine.max_num_seqs * self.core.info.dp_size
         in_flight = len(self._queues) + len(self._streamed)
         waiting = in_flight - running_capacity
         if waiting >= self.unit.max_waiting_requests:
@@ -411,25 +394,24 @@ class EngineServer:
                 self._abort_soon(rid)
             del self._outboxes[subscriber]
 
-    async def _add(self, fn: Callable[..., Any], request_id: str, *args: Any) -> None:
+    async def _add(self, request_id: str, add: Awaitable[Any]) -> None:
+        """Await the engine core's admission of a request; its ValueError is the client's 400."""
         try:
-            await self._call(fn, request_id, *args)
+            await add
         except ValueError as exc:
             self._queues.pop(request_id, None)
             self._streamed.pop(request_id, None)
             raise RequestRejected(str(exc)) from None
-        assert self._wake is not None
-        self._wake.set()
 
     def _abort_soon(self, request_id: str) -> None:
-        """Abort on the engine thread without awaiting (safe from a cancelled task's cleanup)."""
+        """Abort in the engine core without awaiting (safe from a cancelled task's cleanup)."""
         self._queues.pop(request_id, None)
         self._streamed.pop(request_id, None)
         self._handoffs.pop(request_id, None)
-        self._thread.submit(self.engine.abort_request, request_id)
+        self.core.abort(request_id)
 
     async def stats(self) -> dict[str, Any]:
-        s = await self._call(self.engine.stats)
+        s = await self.core.call("stats")
         return {
             "role": self.role,
             "replica": self.replica,
@@ -444,6 +426,8 @@ class EngineServer:
     def record_routing_stats(self) -> dict[str, Any]:
         """Read by raymoe.serve.routing.EngineLoadRouter (Serve polls it periodically)."""
         s = self._stats
+        if s is None:  # no step yet: the router treats the replica as empty
+            return {}
         return {
             "kv_blocks_free": s.kv_blocks_free,
             "kv_blocks_total": s.kv_blocks_total,
@@ -481,33 +465,25 @@ class EngineServer:
         if replica and replica != self.replica:
             raise UnitUnavailable(f"{self.role} replica {replica} is gone (this is {self.replica})")
 
-    def _expert_host(self) -> ExpertHost | None:
-        ex = self.engine.executor
-        return ex if isinstance(ex, ExpertHost) else None
-
     def _plan_args(self) -> tuple[int, Literal["auto", "global"]]:
         """(num_groups, mode) `rebalance` re-plans this unit with (what its initial placement used)."""
         p = self.unit.parallel
         if p is None or p.shared_expert_gpus:  # one process, or the decode layout (shared expert as a column)
             return 1, "global"
-        return self.engine.model_config.n_group, "auto" if p.node_limited else "global"
+        return self.core.info.n_group, "auto" if p.node_limited else "global"
 
     async def expert_state(self, replica: str = "") -> ExpertState:
-        """This replica's placement and windowed expert load (read on the engine thread)."""
+        """This replica's placement and windowed expert load (read in the engine core, between steps)."""
         self._check_replica(replica)
         if self._failure is not None:
             raise self._unavailable()
-        host = self._expert_host()
         groups, mode = self._plan_args()
-        if host is None:
+        if not self.core.info.hosts_experts:
             return ExpertState(self.role, self.replica, 0, None, None, 1.0, 0, None, False,
-                               f"{type(self.engine.executor).__name__} records no expert load", groups, mode,
+                               f"{self.core.info.executor} records no expert load", groups, mode,
                                self.unit.load_window_steps())
-
-        def read() -> tuple[Any, ...]:
-            return host.placement, host.expert_load(), host.migration_status()
-
-        placement, load, status = await self._call(read)
+        snap: ExpertSnapshot = await self.core.call("expert_snapshot")
+        placement, load, status = snap.placement, snap.load, snap.status
         return ExpertState(
             role=self.role, replica=self.replica, placement_version=status.placement_version, placement=placement,
             load=load, imbalance=imbalance_of(placement, load), migrations=self._migrations,
@@ -516,27 +492,26 @@ class EngineServer:
         )
 
     async def migrate(self, placement: Placement, replica: str = "") -> MigrationResult:
-        """Move to `placement`: staging starts on the engine thread and runs beside the steps; the next
+        """Move to `placement`: staging starts in the engine core and runs beside the steps; the next
         step commits it (or an empty step, `commit_idle`, when the engine has no work). Answers once
         committed; MigrationError when the unit refuses it or staging failed (the old placement stays)."""
         self._check_replica(replica)
         if self._failure is not None:
             raise self._unavailable()
-        host = self._expert_host()
-        if host is None or host.placement is None:
+        if not self.core.info.hosts_experts or not await self.core.call("can_migrate"):
             raise MigrationError(f"{self.role} replica {self.replica}: hosts every expert in one process, nothing to move")
-        before = (await self._call(host.migration_status)).placement_version
+        before = (await self.core.call("migration_status")).placement_version
         try:
-            await self._call(host.begin_migration, placement)
+            await self.core.call("begin_migration", placement)
         except (ValueError, RuntimeError) as exc:
             raise MigrationError(f"{self.role} replica {self.replica}: migration refused: {exc}") from None
         deadline = time.monotonic() + self.unit.eplb.migration_timeout_s
         while True:
-            status = await self._call(host.migration_status)
+            status = await self.core.call("migration_status")
             if not status.staging and not status.pending_commit:
                 break
-            if status.pending_commit and not self.engine.has_unfinished_requests():
-                await self._call(host.commit_idle)  # no step would come: commit with an empty one
+            if status.pending_commit and not await self.core.call("has_work"):
+                await self.core.call("commit_idle")  # no step would come: commit with an empty one
                 continue
             if time.monotonic() > deadline:
                 raise MigrationError(
@@ -551,7 +526,7 @@ class EngineServer:
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self._thread.shutdown(wait=False, cancel_futures=True)
+            self.core.shutdown()
 
 
 class PrefillServer(EngineServer):
@@ -577,12 +552,9 @@ class PrefillServer(EngineServer):
     async def stats(self) -> dict[str, Any]:
         return {**await super().stats(), "pinned_kv_handoffs": len(self._pinned)}
 
-    def _add_prefill_only(self, request_id: str, prompt: list[int], params: SamplingParams) -> int:
-        return self.engine.add_request(request_id, prompt, params, prefill_only=True)
-
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams) -> PrefillResult:
         q = self._admit(request_id)
-        await self._add(self._add_prefill_only, request_id, prompt, params)
+        await self._add(request_id, self.core.add(request_id, prompt, params, prefill_only=True))
         try:
             out = await self._next(q)
         except BaseException:
@@ -599,8 +571,8 @@ class PrefillServer(EngineServer):
             assert handoff is not None
             ticket = self.transport.send(handoff, self.replica)
             self._pin(ticket)
-            return PrefillResult(token, False, None, None, out.prompt_len, ticket, lp, top)
-        return PrefillResult(token, True, out.finish_reason, out.text, out.prompt_len, None, lp, top)
+            return PrefillResult(token, False, None, None, out.prompt_len, ticket, lp, top, out.prompt_logprobs)
+        return PrefillResult(token, True, out.finish_reason, out.text, out.prompt_len, None, lp, top, out.prompt_logprobs)
 
 
 class DecodeServer(EngineServer):
@@ -621,7 +593,7 @@ class DecodeServer(EngineServer):
         async def join() -> None:
             handoff = await self.transport.receive(ticket)
             self.metrics().handoff(ticket.nbytes, time.time() - ticket.sent_at)
-            await self._add(self.engine.add_request_with_kv, request_id, handoff, params)
+            await self._add(request_id, self.core.add_with_kv(request_id, handoff, params))
 
         hold = self._hold(request_id, st, join, answer_first=True)
         async with contextlib.aclosing(hold) as held:
@@ -641,7 +613,7 @@ class LLMServer(EngineServer):
         st = self._admit_streamed(request_id, subscriber)
 
         async def join() -> None:
-            await self._add(self.engine.add_request, request_id, prompt, params)
+            await self._add(request_id, self.core.add(request_id, prompt, params))
 
         # added before the answer: a prompt the engine refuses is still a plain 400
         async with contextlib.aclosing(self._hold(request_id, st, join, answer_first=False)) as held:
