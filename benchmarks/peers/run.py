@@ -145,8 +145,11 @@ def tiny_f32() -> Model:
     return Model("tiny-f32", default_checkpoint(), "tiny-deepseek-v3", "float32", None)
 
 
-def write_raymoe_yamls(model: Model, work: Path, port: int, max_model_len: int) -> dict[str, Path]:
-    """deployments/local.yaml with the model and port swapped in: as is (disaggregated) and unified."""
+def write_raymoe_yamls(
+    model: Model, work: Path, port: int, max_model_len: int, torch_threads: int | None = None
+) -> dict[str, Path]:
+    """deployments/local.yaml with the model and port swapped in: as is (disaggregated) and unified.
+    torch_threads: the decode section's (the decode unit's, or the unified unit's) intra-op threads."""
     doc = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())
     doc["http_options"] = {**doc.get("http_options", {}), "host": "127.0.0.1", "port": port}
     out = {}
@@ -155,6 +158,8 @@ def write_raymoe_yamls(model: Model, work: Path, port: int, max_model_len: int) 
         args["model"] = {**args["model"], "path": model.yaml_path, "name": model.name, "dtype": model.dtype,
                          "max_model_len": max_model_len}
         args["disaggregated"] = disaggregated
+        if torch_threads is not None:
+            args["decode"] = {**args["decode"], "torch_threads": torch_threads}
         path = work / "configs" / f"{model.key}-{key}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -167,7 +172,7 @@ def servers_for(args: argparse.Namespace, model: Model, keys: list[str], work: P
     peer_env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "HF_HUB_OFFLINE": "1"}
     # Ray starts its workers at niceness 15 unless told: every server's processes and the client run at 0
     ray_env = {"RAY_worker_niceness": str(args.ray_worker_niceness)}
-    yamls = write_raymoe_yamls(model, work, args.port, args.max_model_len)
+    yamls = write_raymoe_yamls(model, work, args.port, args.max_model_len, args.torch_threads)
     ingresses = tuple(args.ingress.split(","))
     out = []
     for key in keys:
@@ -448,7 +453,8 @@ def render(args: argparse.Namespace, argv: list[str], sections: list[tuple[str, 
         + ("`--enforce-eager`" if args.vllm_enforce_eager else "its CPU default (torch.compile, no `--enforce-eager`)")
         + f", `VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}`. Ray's workers (raymoe, Ray Serve LLM) at niceness "
         f"{args.ray_worker_niceness}, like every other process. raymoe: deployments/local.yaml with the model "
-        "swapped in (`disaggregated: false` for unified).",
+        "swapped in (`disaggregated: false` for unified)"
+        + (f", the decode section's `torch_threads: {args.torch_threads}`." if args.torch_threads else "."),
     ]
     body = [f"{title}\n\n{table}" for title, table in sections]
     return "\n".join(head) + "\n\n" + "\n\n".join(body)
@@ -471,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE of vLLM's CPU engine")
     p.add_argument("--vllm-enforce-eager", action="store_true", help="vLLM without torch.compile (default: with)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="intra-op threads of raymoe's decode (or unified) engine (default: local.yaml's)")
     p.add_argument("--ray-worker-niceness", type=int, default=0,
                    help="RAY_worker_niceness of Ray-based servers (Ray's default is 15; vLLM and the client run at 0)")
     p.add_argument("--startup-timeout", type=float, default=900.0)
@@ -516,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         print(sections[-1][1], flush=True)
     if args.raymoe_bench:
         for m in [model] + ([tiny_f32()] if args.f32_tiny else []):
-            config = write_raymoe_yamls(m, out, args.port, args.max_model_len)["raymoe-disaggregated"]
+            config = write_raymoe_yamls(m, out, args.port, args.max_model_len, args.torch_threads)["raymoe-disaggregated"]
             bench_rows = raymoe_bench(args, config, out / f"raymoe-bench-{m.key}.json")
             sections.append((
                 f"`raymoe bench --text-prompts` ({m.name}, {m.dtype}; raymoe's own load generator, the engine alone "
