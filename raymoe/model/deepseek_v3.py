@@ -215,7 +215,8 @@ class MLA(nn.Module):
             group.bias_as(q_full.dtype), q_full, kv.transpose(1, 2), alpha=self.softmax_scale
         )  # [S, H, L]
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_full.dtype)
-        o = torch.bmm(probs, kv[..., :r])  # [S, H, r]
+        # over the whole latent row, then sliced: a contiguous operand is ~2x faster than kv[..., :r]
+        o = torch.bmm(probs, kv)[..., :r]  # [S, H, r]
         o = torch.bmm(o.transpose(0, 1), w[:, dn:].transpose(1, 2))  # [H, S, dv]
         return o.transpose(0, 1).reshape(s, h * self.v_head_dim)
 
@@ -524,18 +525,29 @@ class MoE(nn.Module):
     GROUPED_MM: bool | None = None
 
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
-        """torch's grouped GEMM on a single-threaded CPU: it beats the padded batched matmul there
-        (no padding FLOPs), while with more threads the batched matmul parallelises better."""
+        """torch's grouped GEMM on a single-threaded CPU: there it beats the per-expert matmul pairs
+        (no per-expert calls), while with more threads the batched forms parallelise better."""
         if self.GROUPED_MM is not None:
             return self.GROUPED_MM
         return hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and torch.get_num_threads() == 1
 
+    def prefer_padded(self, x: torch.Tensor) -> bool:
+        """Whether the padded batched matmul goes before the grouped GEMM when both may run.
+
+        On a CPU the grouped GEMM runs a matmul per group: in float32 that is as fast as the padded
+        batched matmul at decode sizes, in bfloat16 2.5-3.5x slower (16-64 tokens, top-8 of 64
+        experts: 3.8-5.4 ms against 1.5-1.7 ms per layer; benchmarks/bench_decode_step.py)."""
+        if self.GROUPED_MM is not None:
+            return not self.GROUPED_MM
+        return x.dtype != torch.float32
+
     def expert_forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the routed experts' outputs; assignments grouped per expert.
 
-        Single-threaded CPU: two grouped GEMMs over the exact rows. Otherwise small batches
-        (decode) run all experts as two batched matmuls over per-expert padded rows, large ones
-        (prefill) one matmul pair per expert that has tokens. Experts not hosted here
+        Small batches (decode) run all experts as two batched matmuls over per-expert padded rows
+        (DeepGEMM's masked layout) once most experts have tokens; otherwise a single-threaded CPU
+        runs two grouped GEMMs over the exact rows, and anything else one matmul pair per expert
+        that has tokens. In float32 the grouped GEMM goes first on one thread (`prefer_padded`). Experts not hosted here
         contribute nothing, so a caller can sum partial results across hosts.
         """
         t, k = ids.shape
@@ -567,17 +579,21 @@ class MoE(nn.Module):
         n_rows = st.w13.shape[0]
         counts = torch.bincount(rows, minlength=n_rows)
         inter = self.moe_intermediate_size
-        if self.use_grouped_mm(x):
+        grouped = self.use_grouped_mm(x)
+        padded = False
+        if not grouped or self.prefer_padded(x):
+            counts_list = counts.tolist()
+            width = max(counts_list)
+            active = sum(1 for c in counts_list if c)
+            # the batched form reads every hosted expert's weights: worth it once most of them have tokens
+            padded = 2 * active >= n_rows and n_rows * width - rows.numel() <= self.PAD_ROWS_PER_EXPERT * active
+        if grouped and not padded:
             # exact rows, one grouped GEMM per projection: no padding FLOPs, no per-expert calls
             offs = torch.cumsum(counts, 0).to(torch.int32)
             h = torch._grouped_mm(x.index_select(0, token), st.w13, offs=offs)
             ys = torch._grouped_mm(F.silu(h[:, :inter]).mul_(h[:, inter:]), st.w2, offs=offs)
             return out.index_add_(0, token, ys.mul_(w.unsqueeze(1)))
-        counts_list = counts.tolist()
-        width = max(counts_list)
-        active = sum(1 for c in counts_list if c)
-        # the batched form reads every hosted expert's weights: worth it once most of them have tokens
-        if 2 * active >= n_rows and n_rows * width - rows.numel() <= self.PAD_ROWS_PER_EXPERT * active:
+        if padded:
             starts = torch.cumsum(counts, 0) - counts
             # flat position of each assignment in the padded [n_rows, width] grid
             cell = rows * width + torch.arange(rows.numel(), device=x.device) - starts[rows]
