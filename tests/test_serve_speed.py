@@ -44,12 +44,12 @@ def test_a_step_batch_crosses_the_boundary_whole() -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_kv_handoff_frames_round_trip(dtype: str) -> None:
-    from raymoe.serve.engine_core import _kv_from, _kv_meta
+    from raymoe.serve.engine_core import kv_from_frame, kv_to_frame
 
     kv = torch.randn(4, 37, 80).to(getattr(torch, dtype))
     sent = KVHandoff("r1", list(range(37)), 5, -0.25, kv, TopLogprobs([5, 6], [-0.25, -3.0]))
-    meta, raw = _kv_meta(sent)
-    got = _kv_from(meta, bytes(raw))
+    meta, raw = kv_to_frame(sent)
+    got = kv_from_frame(meta, bytes(raw))
     assert got.kv.dtype == kv.dtype and torch.equal(got.kv, kv)
     assert (got.request_id, got.prompt_token_ids, got.first_token_id, got.first_logprob, got.first_top_logprobs) == (
         "r1", list(range(37)), 5, -0.25, TopLogprobs([5, 6], [-0.25, -3.0]))
@@ -64,10 +64,10 @@ def reference() -> list[list[int]]:
     return [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
-def _config(disaggregated: bool) -> dict[str, Any]:
+def _config(disaggregated: bool, **extra: Any) -> dict[str, Any]:
     unit = {"engine": {"kv_cache_tokens": 1024, "max_num_seqs": 8}, "torch_threads": 1}
     return {"model": {"dtype": "float32", "max_model_len": 256}, "disaggregated": disaggregated,
-            "engine_process": True, "stream_interval_ms": 0, "prefill": unit, "decode": unit}
+            "engine_process": True, "stream_interval_ms": 0, "prefill": unit, "decode": unit, **extra}
 
 
 async def _read(stream: Any, rids: list[str]) -> dict[str, Any]:
@@ -139,13 +139,18 @@ def test_unified_replica_over_an_engine_core_process(ray_cluster: Any, reference
     asyncio.run(main())
 
 
-def test_disaggregated_replicas_over_engine_core_processes(ray_cluster: Any, reference: list[list[int]]) -> None:
-    """The KV crosses both boundaries as raw frames: prefill core -> prefill replica (object store)
-    -> decode replica -> decode core; the decode is token-identical to the engine alone."""
+@pytest.mark.parametrize("transport", ["object_store", "direct"])
+def test_disaggregated_replicas_over_engine_core_processes(
+    ray_cluster: Any, reference: list[list[int]], transport: str
+) -> None:
+    """The KV crosses the boundaries as raw frames: prefill core -> prefill replica -> object store ->
+    decode replica -> decode core, or (direct) prefill core -> decode replica -> decode core, which
+    frees it in the prefill core as it is fetched; the decode is token-identical to the engine alone."""
     from raymoe.serve.server import DecodeServer, PrefillServer
 
     async def main() -> None:
-        prefill, decode = PrefillServer(_config(True)), DecodeServer(_config(True))
+        config = _config(True, kv_transport=transport)
+        prefill, decode = PrefillServer(config), DecodeServer(config)
         stream = decode.stream_outputs("ing")
         assert await stream.__anext__() == OutputBatch([])
         rids = [f"d{i}" for i in range(len(PROMPTS))]
@@ -162,10 +167,59 @@ def test_disaggregated_replicas_over_engine_core_processes(ray_cluster: Any, ref
             with pytest.raises(StopAsyncIteration):
                 await asyncio.wait_for(h, timeout=10)
         assert [[firsts[r], *got["tokens"][r]] for r in rids] == reference
-        assert (await prefill.stats())["kv_blocks_used"] == 0  # exported and freed in the prefill core
-        assert all([await prefill.release(r) for r in rids])
+        stats = await prefill.stats()
+        assert stats["kv_blocks_used"] == 0  # exported and freed in the prefill core
+        if transport == "direct":
+            assert stats["pinned_kv_handoffs"] == 0  # each fetch was its release: no call needed
+        else:
+            assert stats["pinned_kv_handoffs"] == len(rids)
+            assert all([await prefill.release(r) for r in rids])
         await stream.aclose()
         prefill.core.shutdown()
         decode.core.shutdown()
+
+    asyncio.run(main())
+
+
+def test_direct_kv_is_fetched_once_dropped_on_release_and_expires(ray_cluster: Any) -> None:
+    """A prefill core's KV socket: a handoff goes to the first fetch only (over IPC, and over TCP as a
+    decode replica on another node would fetch it), a release drops it, one nobody fetches expires
+    after kv_ticket_ttl_s; every miss is an error naming the request, never a hang."""
+    from raymoe import LLM
+    from raymoe.model.tiny import default_checkpoint
+    from raymoe.serve.kv_transport import DirectTransport
+    from raymoe.serve.server import PrefillServer
+
+    prompt = PROMPTS[0]
+    engine = LLM(model=default_checkpoint(), max_model_len=256, kv_cache_tokens=1024).engine
+    engine.add_request("ref", prompt, GREEDY, prefill_only=True)
+    while engine.has_unfinished_requests():
+        engine.step()
+    want = engine.export_kv("ref")
+
+    async def main() -> None:
+        prefill = PrefillServer(_config(True, kv_transport="direct", kv_ticket_ttl_s=1.0))
+        ipc, tcp = DirectTransport(fetch_timeout_s=5), DirectTransport(fetch_timeout_s=5)
+        tcp._node = "another-node"  # as seen from elsewhere: the core's TCP address
+        tickets = {rid: (await prefill.prefill(rid, prompt, GREEDY)).ticket for rid in ("a", "b", "c", "d")}
+        assert {t.transport for t in tickets.values()} == {"direct"}
+        assert tickets["a"].ref.ipc.startswith("ipc://") and tickets["a"].ref.tcp.startswith("tcp://")
+        assert (await prefill.stats())["pinned_kv_handoffs"] == 4
+        for transport, rid in ((ipc, "a"), (tcp, "b")):
+            got = await transport.receive(tickets[rid])
+            assert torch.equal(got.kv, want.kv) and got.first_token_id == want.first_token_id
+            assert got.prompt_token_ids == prompt
+            with pytest.raises(RuntimeError, match=f"holds no KV for request '{rid}'"):
+                await transport.receive(tickets[rid])
+        assert await prefill.release("c")
+        with pytest.raises(RuntimeError, match="holds no KV for request 'c'"):
+            await ipc.receive(tickets["c"])
+        await asyncio.sleep(1.6)  # past the TTL and one expiry pass of the KV server thread
+        assert (await prefill.stats())["pinned_kv_handoffs"] == 0
+        with pytest.raises(RuntimeError, match="holds no KV for request 'd'"):
+            await ipc.receive(tickets["d"])
+        ipc.close()
+        tcp.close()
+        prefill.core.shutdown()
 
     asyncio.run(main())

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raymoe.parallel.config import LayoutError, ParallelConfig
 
@@ -283,12 +283,20 @@ class ServeConfig(_Strict):
 
     model: ModelSection = Field(default_factory=ModelSection)
     disaggregated: bool = Field(True, description="separate prefill and decode units; false = one unit does both")
-    kv_transport: Literal["object_store"] = "object_store"
+    kv_transport: Literal["object_store", "direct"] = Field(
+        "object_store",
+        description="how a prefilled request's KV reaches decode: object_store (ray.put on the prefill replica, "
+        "fetched through Ray's object store) or direct (the prefill engine core serves it on a ZMQ socket of its "
+        "own, IPC on its node and TCP across nodes, and decode pulls it; needs engine_process)",
+    )
     prefill: UnitConfig = Field(default_factory=UnitConfig)
     decode: UnitConfig = Field(default_factory=UnitConfig)
     ingress: IngressSection = Field(default_factory=IngressSection)
     kv_ticket_ttl_s: float = Field(
         60.0, gt=0, description="a prefill replica drops handed-off KV that decode never confirmed after this long"
+    )
+    kv_fetch_timeout_s: float = Field(
+        10.0, gt=0, description="how long decode waits for a prefill core to send a handoff (kv_transport: direct)"
     )
     stream_interval_ms: float = Field(
         0.0, ge=0, le=1000, description="a replica's output stream to an ingress sends at most one message per window "
@@ -314,6 +322,13 @@ class ServeConfig(_Strict):
         "loop (Serve's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0): "
         "no cross-thread hand-off per streamed message",
     )
+
+    @model_validator(mode="after")
+    def _direct_needs_a_core_process(self) -> ServeConfig:
+        if self.disaggregated and self.kv_transport == "direct" and not self.engine_process:
+            raise ValueError("kv_transport: direct is served by the prefill engine-core process; set "
+                             "engine_process: true or kv_transport: object_store")
+        return self
 
     def units(self) -> dict[str, UnitConfig]:
         """The unit kinds this app deploys: prefill + decode, or one `llm` unit (the decode section)."""

@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -64,6 +65,10 @@ class KVMeta(msgspec.Struct):
     dtype: str
     shape: list[int]
 
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * getattr(torch, self.dtype).itemsize
+
 
 class AddWithKV(msgspec.Struct, tag=True):
     """A decode unit's request: its prompt's KV (the next frame) and first token from a prefill unit."""
@@ -85,16 +90,48 @@ class Call(msgspec.Struct, tag=True):
     args: bytes  # pickled tuple
 
 
+class DropKV(msgspec.Struct, tag=True):
+    """A held handoff decode will not fetch (its request ended first): free it now, not at its TTL."""
+
+    request_id: str
+
+
 class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-ToCore = AddRequest | AddWithKV | Abort | Call | Shutdown
+ToCore = AddRequest | AddWithKV | Abort | DropKV | Call | Shutdown
+
+
+class FetchKV(msgspec.Struct, tag=True):
+    """A decode replica's pull of a held handoff from a prefill core's KV socket (`kv_transport: direct`)."""
+
+    fetch_id: int
+    request_id: str
+
+
+class KVFetched(msgspec.Struct, tag=True):
+    """The answer to a FetchKV: the handoff's metadata (its tensor the next frame), or why there is none.
+    A fetched handoff is no longer held: the fetch is its release."""
+
+    fetch_id: int
+    meta: KVMeta | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KVAddress:
+    """Where a prefill core serves its held handoffs: IPC for a replica on its node, TCP from other nodes."""
+
+    node_id: str
+    ipc: str
+    tcp: str
 
 
 class StepBatch(msgspec.Struct, tag=True):
     """One engine step's news: outputs, the KV of the prefills it finished (one frame each, in
-    order), the engine's stats after it and the core's step counters."""
+    order; with a KV socket only their metadata, in `held`: the core keeps the tensors for decode to
+    fetch), the engine's stats after it and the core's step counters."""
 
     outputs: list[RequestOutput]
     handoffs: list[KVMeta]
@@ -103,6 +140,15 @@ class StepBatch(msgspec.Struct, tag=True):
     steps: int
     step_seconds: float
     step_batch: int
+    held: list[KVMeta] = []
+
+
+class KVServing(msgspec.Struct, tag=True):
+    """The core's first message when it serves its handoffs itself: where decode fetches them."""
+
+    node_id: str
+    ipc: str
+    tcp: str
 
 
 class Reply(msgspec.Struct, tag=True):
@@ -121,7 +167,7 @@ class Failed(msgspec.Struct, tag=True):
     error: str
 
 
-FromCore = StepBatch | Reply | Failed
+FromCore = StepBatch | Reply | Failed | KVServing
 
 
 @dataclass(slots=True)
@@ -141,7 +187,7 @@ class ExpertSnapshot:
     status: MigrationStatus
 
 
-def _kv_meta(h: KVHandoff) -> tuple[KVMeta, memoryview]:
+def kv_to_frame(h: KVHandoff) -> tuple[KVMeta, memoryview]:
     kv = h.kv.detach().cpu().contiguous()
     raw = (kv.view(torch.int16) if kv.dtype == torch.bfloat16 else kv).numpy()
     meta = KVMeta(h.request_id, list(h.prompt_token_ids), h.first_token_id, h.first_logprob, h.first_top_logprobs,
@@ -149,7 +195,7 @@ def _kv_meta(h: KVHandoff) -> tuple[KVMeta, memoryview]:
     return meta, memoryview(np.ascontiguousarray(raw)).cast("B")
 
 
-def _kv_from(meta: KVMeta, frame: Any) -> KVHandoff:
+def kv_from_frame(meta: KVMeta, frame: Any) -> KVHandoff:
     dtype = getattr(torch, meta.dtype)
     carrier = torch.int16 if dtype == torch.bfloat16 else dtype
     kv = torch.frombuffer(bytearray(frame), dtype=carrier).view(*meta.shape)
@@ -159,12 +205,52 @@ def _kv_from(meta: KVMeta, frame: Any) -> KVHandoff:
                      meta.first_top_logprobs)
 
 
+class HeldKV:
+    """Handoffs a prefill core keeps until decode fetches them, drops them, or their TTL passes.
+
+    Insertion order is expiry order (one TTL for all), so expiring looks at the oldest only."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._held: dict[str, tuple[KVMeta, memoryview, float]] = {}
+        self._lock = threading.Lock()  # the step loop holds, the KV server thread takes
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, meta: KVMeta, raw: memoryview, now: float) -> None:
+        with self._lock:
+            self._held.pop(meta.request_id, None)
+            self._held[meta.request_id] = (meta, raw, now + self.ttl_s)
+
+    def take(self, request_id: str) -> tuple[KVMeta, memoryview] | None:
+        with self._lock:
+            got = self._held.pop(request_id, None)
+        return None if got is None else (got[0], got[1])
+
+    def drop(self, request_id: str) -> bool:
+        with self._lock:
+            return self._held.pop(request_id, None) is not None
+
+    def expire(self, now: float) -> int:
+        n = 0
+        with self._lock:
+            while self._held:
+                rid, (_, _, expires) = next(iter(self._held.items()))
+                if expires > now:
+                    break
+                del self._held[rid]  # decode never came for it (its request went away, or the ticket was lost)
+                n += 1
+        return n
+
+
 # --- the core -----------------------------------------------------------------------------------
 class EngineCore:
     """The engine and its step: run once, export what finished prefills leave, count steps."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        self.held: HeldKV | None = None  # a KV-serving prefill core's handoffs (EngineCoreProcess.run)
         self.steps = 0
         self.step_seconds = 0.0
         self.step_batch = 0  # sum over steps of the running requests
@@ -217,6 +303,10 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def held_kv(self) -> int:
+        """Handoffs this core holds for decode to fetch (`kv_transport: direct`)."""
+        return len(self.held) if self.held is not None else 0
 
     # expert placement (raymoe.eplb)
     def _host(self) -> ExpertHost | None:
@@ -275,6 +365,14 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def drop_kv(self, request_id: str) -> None:
+        """Free a handoff the core holds for decode (`kv_transport: direct`) before its TTL."""
+        ...
+
+    async def kv_address(self) -> KVAddress:
+        """Where this (prefill) core serves its held handoffs; RuntimeError when it serves none."""
+        ...
+
     async def call(self, method: str, *args: Any) -> Any: ...
 
     def shutdown(self) -> None: ...
@@ -331,6 +429,13 @@ class ThreadEngineClient:
     def abort(self, request_id: str) -> None:
         self._thread.submit(self.core.abort, request_id)
 
+    def drop_kv(self, request_id: str) -> None:
+        pass  # a core on a thread serves no KV socket: its handoffs go out with the StepBatch
+
+    async def kv_address(self) -> KVAddress:
+        raise RuntimeError("an engine core on the replica's thread serves no KV socket (kv_transport: direct "
+                           "needs engine_process: true)")
+
     async def call(self, method: str, *args: Any) -> Any:
         return await self._on_thread(getattr(self.core, method), *args)
 
@@ -352,8 +457,13 @@ class EngineCoreProcess:
     def info(self) -> CoreInfo:
         return self.core.info()
 
-    def run(self, to_core: str, from_core: str) -> None:
-        """Serve until Shutdown (or the owner replica dies, which ends this actor with it)."""
+    def run(self, to_core: str, from_core: str, kv_ipc: str | None = None, kv_ttl_s: float = 60.0) -> None:
+        """Serve until Shutdown (or the owner replica dies, which ends this actor with it).
+
+        `kv_ipc`: a prefill core serves its handoffs itself (`kv_transport: direct`) on a ROUTER
+        socket bound there and on a TCP port of its node, announced first (`KVServing`); finished
+        prefills then leave only their metadata in the StepBatch."""
+        import ray
         import zmq
 
         ctx = zmq.Context()
@@ -365,6 +475,23 @@ class EngineCoreProcess:
         decoder = msgspec.msgpack.Decoder(ToCore)
         encoder = msgspec.msgpack.Encoder()
         core = self.core
+        server: threading.Thread | None = None
+        stop = threading.Event()
+        if kv_ipc is not None:
+            router = ctx.socket(zmq.ROUTER)
+            router.setsockopt(zmq.SNDHWM, 0)
+            router.bind(kv_ipc)
+            ip = ray.util.get_node_ip_address()
+            port = router.bind_to_random_port(f"tcp://{ip}")
+            core.held = HeldKV(kv_ttl_s)
+            # fetches answered on a thread of their own: a decode replica's pull never waits for a
+            # long prefill step to end (torch drops the GIL inside each op)
+            server = threading.Thread(target=self._serve_kv, args=(router, core.held, stop), daemon=True,
+                                      name="raymoe-kv-server")
+            server.start()
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+            push.send(encoder.encode(KVServing(node, kv_ipc, f"tcp://{ip}:{port}")))
+        held = core.held
         failed = False
         try:
             while True:
@@ -394,28 +521,75 @@ class EngineCoreProcess:
                     time.sleep(0.002)  # nothing could be scheduled (cache full): let aborts land
                     continue
                 frames_out: list[Any] = [b""]
+                now = time.monotonic()
                 for h in handoffs:
-                    meta, raw = _kv_meta(h)
-                    batch.handoffs.append(meta)
-                    frames_out.append(raw)
+                    meta, raw = kv_to_frame(h)
+                    if held is not None:
+                        held.hold(meta, raw, now)
+                        batch.held.append(meta)
+                    else:
+                        batch.handoffs.append(meta)
+                        frames_out.append(raw)
                 frames_out[0] = encoder.encode(batch)
                 push.send_multipart(frames_out, copy=False)
         finally:
+            stop.set()
+            if server is not None:
+                server.join(timeout=5)
             core.shutdown()
             pull.close(0)
             push.close(0)
             ctx.term()
+
+    @staticmethod
+    def _serve_kv(router: Any, held: HeldKV, stop: threading.Event) -> None:
+        """The KV server thread: answer each FetchKV with the handoff (released by being fetched) or
+        why it is gone, and expire what nobody fetched."""
+        import zmq
+
+        decoder = msgspec.msgpack.Decoder(FetchKV)
+        encoder = msgspec.msgpack.Encoder()
+        try:
+            while not stop.is_set():
+                held.expire(time.monotonic())
+                if not router.poll(200):
+                    continue
+                while True:
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if len(frames) != 2:  # not [identity, payload]: not one of our fetchers
+                        continue
+                    ident, payload = frames
+                    try:
+                        msg = decoder.decode(payload)
+                    except msgspec.DecodeError:
+                        continue
+                    got = held.take(msg.request_id)
+                    if got is None:
+                        err = f"the prefill core holds no KV for request {msg.request_id!r} (fetched, dropped or expired)"
+                        router.send_multipart([ident, encoder.encode(KVFetched(msg.fetch_id, error=err))])
+                    else:
+                        meta, raw = got
+                        router.send_multipart([ident, encoder.encode(KVFetched(msg.fetch_id, meta)), raw], copy=False)
+        finally:
+            router.close(0)
 
     def _handle(self, msg: Any, frames: list[Any]) -> Reply | None:
         core = self.core
         if isinstance(msg, Abort):
             core.abort(msg.request_id)
             return None
+        if isinstance(msg, DropKV):
+            if core.held is not None:
+                core.held.drop(msg.request_id)
+            return None
         try:
             if isinstance(msg, AddRequest):
                 result: Any = core.add_request(msg.request_id, msg.prompt, pickle.loads(msg.params), msg.prefill_only)
             elif isinstance(msg, AddWithKV):
-                handoff = _kv_from(msg.handoff, frames[1].buffer)
+                handoff = kv_from_frame(msg.handoff, frames[1].buffer)
                 result = core.add_request_with_kv(handoff.request_id, handoff, pickle.loads(msg.params))
             else:
                 result = getattr(core, msg.method)(*pickle.loads(msg.args))
@@ -431,16 +605,19 @@ class ProcessEngineClient:
     """The replica's end of an engine-core process: sockets, the actor, pending replies."""
 
     def __init__(
-        self, engine_config: Any, parallel: Any, torch_threads: int | None, num_gpus: int, metrics_interval_s: float
+        self, engine_config: Any, parallel: Any, torch_threads: int | None, num_gpus: int, metrics_interval_s: float,
+        serve_kv_ttl_s: float | None = None,
     ) -> None:
+        """`serve_kv_ttl_s`: the core keeps its handoffs and serves them on a KV socket of its own
+        (`kv_transport: direct`), each for at most this long."""
         import ray
         import zmq
         import zmq.asyncio
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         base = os.path.join(tempfile.gettempdir(), f"raymoe-core-{uuid.uuid4().hex[:12]}")
-        self._paths = [f"{base}.in", f"{base}.out"]
-        to_core, from_core = (f"ipc://{p}" for p in self._paths)
+        self._paths = [f"{base}.in", f"{base}.out"] + ([f"{base}.kv"] if serve_kv_ttl_s is not None else [])
+        to_core, from_core = (f"ipc://{p}" for p in self._paths[:2])
         self._ctx = zmq.Context()
         self._push = self._ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 0)
@@ -456,9 +633,12 @@ class ProcessEngineClient:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote(engine_config, parallel, torch_threads)
         self.info: CoreInfo = ray.get(self.actor.info.remote())
-        self._done = self.actor.run.remote(to_core, from_core)
+        kv_ipc = f"ipc://{self._paths[2]}" if serve_kv_ttl_s is not None else None
+        self._done = self.actor.run.remote(to_core, from_core, kv_ipc, serve_kv_ttl_s or 0.0)
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._serves_kv = kv_ipc is not None
+        self._kv_address: asyncio.Future[KVAddress] | None = None
         self._interval_ms = max(1, int(metrics_interval_s * 1000))
 
     def start(self, sink: CoreSink) -> asyncio.Task[None]:
@@ -477,6 +657,8 @@ class ProcessEngineClient:
         self._fail_pending(exc)
 
     def _fail_pending(self, exc: BaseException) -> None:
+        if self._kv_address is not None and not self._kv_address.done():
+            self._kv_address.set_exception(RuntimeError(f"engine core failed: {exc!r}"))
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(RuntimeError(f"engine core failed: {exc!r}"))
@@ -493,8 +675,12 @@ class ProcessEngineClient:
                 frames = await self._pull.recv_multipart(copy=False)
                 msg = _FROM_CORE.decode(frames[0].buffer)
                 if isinstance(msg, StepBatch):
-                    handoffs = [_kv_from(m, f.buffer) for m, f in zip(msg.handoffs, frames[1:], strict=True)]
+                    handoffs = [kv_from_frame(m, f.buffer) for m, f in zip(msg.handoffs, frames[1:], strict=True)]
                     sink._deliver(msg, handoffs)
+                elif isinstance(msg, KVServing):
+                    fut = self._address_future()
+                    if not fut.done():
+                        fut.set_result(KVAddress(msg.node_id, msg.ipc, msg.tcp))
                 elif isinstance(msg, Reply):
                     fut = self._pending.pop(msg.call_id, None)
                     if fut is not None and not fut.done():
@@ -532,13 +718,27 @@ class ProcessEngineClient:
 
     async def add_with_kv(self, request_id: str, handoff: KVHandoff, params: Any) -> None:
         call_id, fut = self._expect()
-        meta, raw = _kv_meta(handoff)
+        meta, raw = kv_to_frame(handoff)
         meta.request_id = request_id
         self._send(AddWithKV(call_id, meta, pickle.dumps(params)), raw)
         await fut
 
     def abort(self, request_id: str) -> None:
         self._send(Abort(request_id))
+
+    def drop_kv(self, request_id: str) -> None:
+        if self._serves_kv:
+            self._send(DropKV(request_id))
+
+    def _address_future(self) -> asyncio.Future[KVAddress]:
+        if self._kv_address is None:
+            self._kv_address = asyncio.get_running_loop().create_future()
+        return self._kv_address
+
+    async def kv_address(self) -> KVAddress:
+        if not self._serves_kv:
+            raise RuntimeError("this engine core serves no KV socket (kv_transport is not direct)")
+        return await asyncio.shield(self._address_future())
 
     async def call(self, method: str, *args: Any) -> Any:
         call_id, fut = self._expect()

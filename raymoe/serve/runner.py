@@ -5,6 +5,7 @@ Serve's direct ingress (each ingress replica's own HTTP port).
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,13 @@ def run_from_yaml(
         print(f"raymoe: direct ingress (no proxy hop) at {url}/v1", flush=True)
     if not blocking:
         return handle
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (how a supervisor, or a background shell's kill, stops a server) shuts down as Ctrl-C
+    # does; otherwise the handler Ray's core installs aborts the process with a stack dump
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(10)

@@ -40,11 +40,12 @@ from raymoe.serve.engine_core import (
     EngineClient,
     EngineCore,
     ExpertSnapshot,
+    KVMeta,
     ProcessEngineClient,
     StepBatch,
     ThreadEngineClient,
 )
-from raymoe.serve.kv_transport import KVTicket, make_transport
+from raymoe.serve.kv_transport import DirectTransport, KVTicket, ObjectStoreTransport, make_transport
 from raymoe.serve.protocol import QueueFullError, RequestRejected, UnitUnavailable
 
 logger = logging.getLogger("ray.serve")
@@ -170,7 +171,9 @@ class EngineServer:
         self.core: EngineClient
         if cfg.engine_process:
             gpus = 1 if unit.num_gpus == 1 else 0  # a one-GPU unit's GPU is its engine core's
-            self.core = ProcessEngineClient(ec, unit.parallel_config(), unit.torch_threads, gpus, cfg.metrics_interval_s)
+            serve_kv = cfg.kv_ticket_ttl_s if self.role == "prefill" and cfg.kv_transport == "direct" else None
+            self.core = ProcessEngineClient(ec, unit.parallel_config(), unit.torch_threads, gpus, cfg.metrics_interval_s,
+                                            serve_kv_ttl_s=serve_kv)
         else:
             self.core = ThreadEngineClient(EngineCore.build(ec, unit.parallel_config(), unit.torch_threads),
                                            cfg.metrics_interval_s)
@@ -182,6 +185,7 @@ class EngineServer:
         self._streamed: dict[str, _Streamed] = {}  # requests whose tokens go through stream_outputs
         self._outboxes: dict[str, _Outbox] = {}  # subscriber -> its pending deltas
         self._handoffs: dict[str, KVHandoff] = {}
+        self._held: dict[str, KVMeta] = {}  # handoffs the core holds itself, by request id
         self._loop_task: asyncio.Task[None] | None = None  # stepping (thread) or reading the core (process)
         self._stats: EngineStats | None = None  # after the latest step
         self._metrics: Any = None
@@ -200,6 +204,8 @@ class EngineServer:
         self._steps, self._step_seconds, self._step_batch = batch.steps, batch.step_seconds, batch.step_batch
         for h in handoffs:
             self._handoffs[h.request_id] = h
+        for m in batch.held:  # kept by the core for decode to fetch (kv_transport: direct)
+            self._held[m.request_id] = m
         for out in batch.outputs:
             st = self._streamed.get(out.request_id)
             if st is not None and out.error is not None:  # it failed alone: a 400-type error event
@@ -408,6 +414,8 @@ class EngineServer:
         self._queues.pop(request_id, None)
         self._streamed.pop(request_id, None)
         self._handoffs.pop(request_id, None)
+        if self._held.pop(request_id, None) is not None:
+            self.core.drop_kv(request_id)  # its prefill finished as it was cancelled
         self.core.abort(request_id)
 
     async def stats(self) -> dict[str, Any]:
@@ -534,8 +542,9 @@ class PrefillServer(EngineServer):
 
     def __init__(self, config: dict[str, Any] | ServeConfig) -> None:
         super().__init__(config)
-        self.transport = make_transport(self.config.kv_transport)
-        self._pinned: dict[str, tuple[KVTicket, float]] = {}  # request id -> (ticket, expiry)
+        self.direct = self.config.kv_transport == "direct"  # the engine core holds and serves the KV itself
+        self.transport = ObjectStoreTransport()
+        self._pinned: dict[str, tuple[KVTicket, float]] = {}  # request id -> (ticket, expiry), object store
 
     def _pin(self, ticket: KVTicket) -> None:
         self._pinned[ticket.request_id] = (ticket, time.monotonic() + self.config.kv_ticket_ttl_s)
@@ -546,11 +555,17 @@ class PrefillServer(EngineServer):
             del self._pinned[rid]  # decode never picked it up (or the release was lost)
 
     async def release(self, request_id: str, replica: str = "") -> bool:
-        """Drop a handed-off request's KV (decode has it, or the request is gone); routed by `replica`."""
+        """Drop a handed-off request's KV (decode has it, or the request is gone); routed by `replica`.
+
+        With `direct` the ingress calls it only for a request that ended before decode fetched."""
+        if self.direct:
+            self.core.drop_kv(request_id)
+            return True
         return self._pinned.pop(request_id, None) is not None
 
     async def stats(self) -> dict[str, Any]:
-        return {**await super().stats(), "pinned_kv_handoffs": len(self._pinned)}
+        held = await self.core.call("held_kv") if self.direct else len(self._pinned)
+        return {**await super().stats(), "pinned_kv_handoffs": held}
 
     async def prefill(self, request_id: str, prompt: list[int], params: SamplingParams) -> PrefillResult:
         q = self._admit(request_id)
@@ -562,15 +577,20 @@ class PrefillServer(EngineServer):
             raise
         self._queues.pop(request_id, None)
         handoff = self._handoffs.pop(request_id, None)
+        held = self._held.pop(request_id, None)
         if out.error is not None:  # it failed alone (its sampling, its output): the client's 400
             raise RequestRejected(out.error)
         token = out.new_token_ids[0]
         lp = out.new_logprobs[0] if out.new_logprobs else None
         top = out.new_top_logprobs[0] if out.new_top_logprobs else None
         if out.finish_reason == "prefill":
-            assert handoff is not None
-            ticket = self.transport.send(handoff, self.replica)
-            self._pin(ticket)
+            if held is not None:
+                address = await self.core.kv_address()
+                ticket = DirectTransport.ticket(request_id, held.nbytes, out.prompt_len, address, self.replica)
+            else:
+                assert handoff is not None
+                ticket = self.transport.send(handoff, self.replica)
+                self._pin(ticket)
             return PrefillResult(token, False, None, None, out.prompt_len, ticket, lp, top, out.prompt_logprobs)
         return PrefillResult(token, True, out.finish_reason, out.text, out.prompt_len, None, lp, top, out.prompt_logprobs)
 
@@ -580,7 +600,12 @@ class DecodeServer(EngineServer):
 
     def __init__(self, config: dict[str, Any] | ServeConfig) -> None:
         super().__init__(config)
-        self.transport = make_transport(self.config.kv_transport)
+        self.transport = make_transport(self.config.kv_transport, self.config.kv_fetch_timeout_s)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.transport.close()
+        super().__del__()
 
     async def decode(
         self, request_id: str, ticket: KVTicket, params: SamplingParams, subscriber: str
