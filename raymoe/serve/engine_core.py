@@ -606,10 +606,11 @@ class ProcessEngineClient:
 
     def __init__(
         self, engine_config: Any, parallel: Any, torch_threads: int | None, num_gpus: int, metrics_interval_s: float,
-        serve_kv_ttl_s: float | None = None,
+        serve_kv_ttl_s: float | None = None, env: dict[str, str] | None = None,
     ) -> None:
         """`serve_kv_ttl_s`: the core keeps its handoffs and serves them on a KV socket of its own
-        (`kv_transport: direct`), each for at most this long."""
+        (`kv_transport: direct`), each for at most this long. `env`: the core process's environment
+        variables over the replica's (`ServeConfig.engine_env`)."""
         import ray
         import zmq
         import zmq.asyncio
@@ -631,6 +632,7 @@ class ProcessEngineClient:
         self.actor = actor_cls.options(
             num_cpus=0, num_gpus=num_gpus, max_concurrency=1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            **({"runtime_env": {"env_vars": dict(env)}} if env else {}),
         ).remote(engine_config, parallel, torch_threads)
         self.info: CoreInfo = ray.get(self.actor.info.remote())
         kv_ipc = f"ipc://{self._paths[2]}" if serve_kv_ttl_s is not None else None

@@ -173,7 +173,7 @@ class EngineServer:
             gpus = 1 if unit.num_gpus == 1 else 0  # a one-GPU unit's GPU is its engine core's
             serve_kv = cfg.kv_ticket_ttl_s if self.role == "prefill" and cfg.kv_transport == "direct" else None
             self.core = ProcessEngineClient(ec, unit.parallel_config(), unit.torch_threads, gpus, cfg.metrics_interval_s,
-                                            serve_kv_ttl_s=serve_kv)
+                                            serve_kv_ttl_s=serve_kv, env=cfg.engine_env)
         else:
             self.core = ThreadEngineClient(EngineCore.build(ec, unit.parallel_config(), unit.torch_threads),
                                            cfg.metrics_interval_s)
