@@ -198,7 +198,7 @@ def test_direct_kv_is_fetched_once_dropped_on_release_and_expires(ray_cluster: A
     want = engine.export_kv("ref")
 
     async def main() -> None:
-        prefill = PrefillServer(_config(True, kv_transport="direct", kv_ticket_ttl_s=1.0))
+        prefill = PrefillServer(_config(True, kv_transport="direct", kv_ticket_ttl_s=3.0))
         ipc, tcp = DirectTransport(fetch_timeout_s=5), DirectTransport(fetch_timeout_s=5)
         tcp._node = "another-node"  # as seen from elsewhere: the core's TCP address
         tickets = {rid: (await prefill.prefill(rid, prompt, GREEDY)).ticket for rid in ("a", "b", "c", "d")}
@@ -211,10 +211,14 @@ def test_direct_kv_is_fetched_once_dropped_on_release_and_expires(ray_cluster: A
             assert got.prompt_token_ids == prompt
             with pytest.raises(RuntimeError, match=f"holds no KV for request '{rid}'"):
                 await transport.receive(tickets[rid])
-        assert await prefill.release("c")
+        assert await prefill.release("c")  # a DropKV to the core's loop, beside the KV socket: wait until it landed
+        for _ in range(100):
+            if (await prefill.stats())["pinned_kv_handoffs"] == 1:  # "d" alone
+                break
+            await asyncio.sleep(0.01)
         with pytest.raises(RuntimeError, match="holds no KV for request 'c'"):
             await ipc.receive(tickets["c"])
-        await asyncio.sleep(1.6)  # past the TTL and one expiry pass of the KV server thread
+        await asyncio.sleep(3.6)  # past the TTL and one expiry pass of the KV server thread
         assert (await prefill.stats())["pinned_kv_handoffs"] == 0
         with pytest.raises(RuntimeError, match="holds no KV for request 'd'"):
             await ipc.receive(tickets["d"])

@@ -536,7 +536,7 @@ class MoE(nn.Module):
 
         On a CPU the grouped GEMM runs a matmul per group: in float32 that is as fast as the padded
         batched matmul at decode sizes, in bfloat16 2.5-3.5x slower (16-64 tokens, top-8 of 64
-        experts: 3.8-5.4 ms against 1.5-1.7 ms per layer; benchmarks/bench_decode_step.py)."""
+        experts: 3.8-5.4 ms against 1.5-1.7 ms per layer; benchmarks/bench_moe_paths.py)."""
         if self.GROUPED_MM is not None:
             return not self.GROUPED_MM
         return x.dtype != torch.float32
