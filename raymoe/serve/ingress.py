@@ -522,7 +522,7 @@ class OpenAIIngress:
                 while not q.empty():
                     items.append(q.get_nowait())
                 if ticket is not None:  # decode has the KV (or gave up on it): the prefill replica may drop it
-                    if ticket.transport != "direct":  # direct: decode's fetch already freed it, no call needed
+                    if not ticket.released_by_fetch:
                         self._release(ticket)
                     ticket = None
                 ids: list[int] = []

@@ -45,10 +45,14 @@ class KVTicket:
     ref: Any  # transport-specific locator (an ObjectRef for the object store)
     source_replica: str = ""  # the prefill replica that holds the KV until released
 
+    @property
+    def released_by_fetch(self) -> bool:
+        """Decode's fetch frees the prefill side's copy: no release call once decode has the KV."""
+        return self.transport == DirectTransport.name
+
 
 class KVTransport(Protocol):
     name: str
-    releases_on_fetch: bool  # decode's fetch frees the prefill side's copy: no release call once decode has it
 
     async def receive(self, ticket: KVTicket) -> KVHandoff: ...
 
@@ -65,7 +69,6 @@ class ObjectStoreTransport:
     """
 
     name = "object_store"
-    releases_on_fetch = False
 
     def close(self) -> None:
         pass
@@ -144,7 +147,6 @@ class DirectTransport:
     """Decode pulls the KV from the prefill engine core's own socket (see the module docstring)."""
 
     name = "direct"
-    releases_on_fetch = True
 
     def __init__(self, fetch_timeout_s: float = 10.0) -> None:
         self.fetch_timeout_s = fetch_timeout_s
