@@ -90,6 +90,7 @@ def run_from_yaml(
         return handle
 
     def _stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut the shutdown short
         raise KeyboardInterrupt
 
     # SIGTERM (how a supervisor, or a background shell's kill, stops a server) shuts down as Ctrl-C
